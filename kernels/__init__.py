@@ -1,0 +1,13 @@
+import os
+
+import torch
+
+# Triton kernels run on the CPU through Triton's interpreter; the variable must be set
+# before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.meta import LoRAMeta
+from kernels.ops import BACKENDS, add_lora, add_lora_slices
+
+__all__ = ["BACKENDS", "LoRAMeta", "add_lora", "add_lora_slices"]

@@ -1,0 +1,126 @@
+"""The public entry points: argument checks, batch metadata, backend dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kernels.meta import LoRAMeta, _describe
+from kernels.reference import add_lora_gather_bmm, add_lora_loop, add_lora_torch
+
+BACKENDS = ("torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "cuda", "auto")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+             slot_ids: torch.Tensor, scalings: torch.Tensor, *, ranks: torch.Tensor | None = None,
+             meta: LoRAMeta | None = None, backend: str = "auto") -> None:
+    """y[i] += scalings[s] * (x[i] @ lora_a[s].T) @ lora_b[s].T for s = slot_ids[i] >= 0, in place."""
+    add_lora_slices(y, x, (lora_a,), (lora_b,), slot_ids, scalings, ranks=ranks, meta=meta, backend=backend)
+
+
+def add_lora_slices(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                    lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor, *,
+                    ranks: torch.Tensor | None = None, meta: LoRAMeta | None = None,
+                    backend: str = "auto") -> None:
+    """Merged projections: slice j adds (x @ lora_a[j][s].T) @ lora_b[j][s].T into its own columns of y.
+
+    Without meta, slot ids (and ranks) are range-checked here, which syncs with the device; a caller
+    on the hot path builds LoRAMeta once per step (that checks the slot ids) and passes it to every layer.
+    """
+    lora_a, lora_b = tuple(lora_a), tuple(lora_b)
+    offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
+    if meta is None:
+        meta = LoRAMeta.build(slot_ids, lora_a[0].shape[0])  # checks the slot ids' range
+        if ranks is not None:
+            _check_rank_values(ranks, lora_a[0].shape[1])
+    if y.shape[0] == 0 or meta.num_slots == 0:
+        return
+    fn = resolve_backend(backend, y, x, lora_a, lora_b)
+    fn(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
+
+
+def resolve_backend(backend: str, y: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: tuple) -> Callable:
+    if backend == "auto":
+        from kernels.auto import choose_backend
+
+        backend = choose_backend(x, lora_a, lora_b)
+    if backend == "torch":
+        return add_lora_torch
+    if backend == "loop":
+        return add_lora_loop
+    if backend == "gather_bmm":
+        return add_lora_gather_bmm
+    if backend == "triton_sgmv":
+        from kernels.triton_sgmv import add_lora_sgmv
+
+        return add_lora_sgmv
+    if backend == "triton_bgmv":
+        from kernels.triton_bgmv import add_lora_bgmv
+
+        return add_lora_bgmv
+    from kernels.cuda import add_lora_cuda  # "cuda"; the name was checked up front
+
+    return add_lora_cuda
+
+
+def _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend) -> list[int]:
+    """Structural checks (no device sync); returns the column offset of every slice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    for name, t in (("y", y), ("x", x)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a 2-D float16/bfloat16/float32 tensor, got {_describe(t)}")
+    device, dtype, (t, d_in) = x.device, x.dtype, x.shape
+    if y.shape[0] != t:
+        raise ValueError(f"y: expected {t} rows like x, got shape {tuple(y.shape)}")
+    if y.device != device or y.dtype != dtype:
+        raise ValueError(f"y: expected {dtype} on {device} like x, got {_describe(y)}")
+    if not lora_a or len(lora_a) != len(lora_b):
+        raise ValueError(f"lora_a, lora_b: expected the same number (>= 1) of slices, got {len(lora_a)} "
+                         f"and {len(lora_b)}")
+    num_slots, max_rank = None, None
+    offsets, out = [], 0
+    for j, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
+        sfx = f"[{j}]" if len(lora_a) > 1 else ""
+        for name, w in ((f"lora_a{sfx}", a), (f"lora_b{sfx}", b)):
+            if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.dtype != dtype or w.device != device:
+                raise ValueError(f"{name}: expected a 3-D {dtype} tensor on {device}, got {_describe(w)}")
+        if num_slots is None:
+            num_slots, max_rank = a.shape[0], a.shape[1]
+        if a.shape != (num_slots, max_rank, d_in):
+            raise ValueError(f"lora_a{sfx}: expected shape {(num_slots, max_rank, d_in)} "
+                             f"[num_slots, max_rank, in], got {tuple(a.shape)}")
+        if b.shape[0] != num_slots or b.shape[2] != max_rank:
+            raise ValueError(f"lora_b{sfx}: expected shape ({num_slots}, out, {max_rank}) "
+                             f"[num_slots, out, max_rank], got {tuple(b.shape)}")
+        offsets.append(out)
+        out += b.shape[1]
+    if y.shape[1] != out:
+        raise ValueError(f"y: expected {out} columns (the sum of lora_b's out sizes), got {y.shape[1]}")
+    if not isinstance(slot_ids, torch.Tensor) or slot_ids.shape != (t,) or slot_ids.dtype != torch.int32 \
+            or slot_ids.device != device:
+        raise ValueError(f"slot_ids: expected an int32 tensor of shape ({t},) on {device}, got "
+                         f"{_describe(slot_ids)}")
+    if not isinstance(scalings, torch.Tensor) or scalings.shape != (num_slots,) \
+            or scalings.dtype != torch.float32 or scalings.device != device:
+        raise ValueError(f"scalings: expected a float32 tensor of shape ({num_slots},) on {device}, got "
+                         f"{_describe(scalings)}")
+    if ranks is not None and (not isinstance(ranks, torch.Tensor) or ranks.shape != (num_slots,)
+                              or ranks.dtype != torch.int32 or ranks.device != device):
+        raise ValueError(f"ranks: expected an int32 tensor of shape ({num_slots},) on {device}, got "
+                         f"{_describe(ranks)}")
+    if meta is not None and (not isinstance(meta, LoRAMeta) or meta.num_rows != t
+                             or meta.num_slots != num_slots or meta.slot_ids.device != device):
+        raise ValueError(f"meta: expected a LoRAMeta built for {t} rows and {num_slots} slots on {device}, "
+                         f"got {meta!r}")
+    return offsets
+
+
+def _check_rank_values(ranks: torch.Tensor, max_rank: int) -> None:
+    if ranks.numel() == 0 or (ranks.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ranks))
+    if lo < 0 or hi > max_rank:
+        raise ValueError(f"ranks: values must lie in [0, {max_rank}], got min {lo} and max {hi}")

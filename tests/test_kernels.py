@@ -1,0 +1,177 @@
+"""kernels/: every backend against the one PyTorch reference, on fresh random inputs (CPU: Triton runs
+in its interpreter, in fp32 and fp16; bf16 is checked on the GPU by benchmarks/kernels.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import LoRAMeta, add_lora, add_lora_slices
+
+CPU_BACKENDS = ("loop", "gather_bmm")
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
+
+
+def make_case(t: int, d_in: int, outs: tuple[int, ...], num_slots: int, max_rank: int, dtype: torch.dtype,
+              slot_ids: list[int] | None = None, ranks: list[int] | None = None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d_in, generator=g).to(dtype)
+    y = torch.randn(t, sum(outs), generator=g).to(dtype)
+    ranks_t = torch.tensor(ranks if ranks is not None else [max_rank] * num_slots, dtype=torch.int32)
+    pad = (torch.arange(max_rank)[None, :] < ranks_t[:, None]).to(dtype)  # [slots, max_rank]
+    lora_a = [(torch.randn(num_slots, max_rank, d_in, generator=g) / d_in**0.5).to(dtype) * pad[:, :, None]
+              for _ in outs]
+    lora_b = [(torch.randn(num_slots, o, max_rank, generator=g) / max_rank**0.5).to(dtype) * pad[:, None, :]
+              for o in outs]
+    if slot_ids is None:
+        slot_ids = torch.randint(-1, num_slots, (t,), generator=g).tolist()
+    scalings = (torch.rand(num_slots, generator=g) + 0.5).float()
+    return dict(y=y, x=x, lora_a=lora_a, lora_b=lora_b, slot_ids=torch.tensor(slot_ids, dtype=torch.int32),
+                scalings=scalings, ranks=ranks_t if ranks is not None else None)
+
+
+def independent_f64(c: dict) -> torch.Tensor:
+    """Row by row in float64, straight from the contract's formula."""
+    y = c["y"].double().clone()
+    col = 0
+    for a, b in zip(c["lora_a"], c["lora_b"], strict=True):
+        for i, s in enumerate(c["slot_ids"].tolist()):
+            if s >= 0:
+                y[i, col:col + b.shape[1]] += c["scalings"][s].double() * (
+                    (c["x"][i].double() @ a[s].double().T) @ b[s].double().T)
+        col += b.shape[1]
+    return y
+
+
+def run(c: dict, backend: str, meta: LoRAMeta | None = None) -> torch.Tensor:
+    y = c["y"].clone()
+    add_lora_slices(y, c["x"], c["lora_a"], c["lora_b"], c["slot_ids"], c["scalings"], ranks=c["ranks"],
+                    meta=meta, backend=backend)
+    return y
+
+
+def assert_matches_reference(c: dict, backend: str) -> None:
+    want = run(c, "torch")
+    got = run(c, backend)
+    dtype = c["y"].dtype
+    no_adapter = c["slot_ids"] < 0
+    assert torch.equal(got[no_adapter], c["y"][no_adapter]), "rows with slot -1 must stay untouched"
+    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# --- the reference itself, against an independent float64 computation ---------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_matches_float64_formula(dtype: torch.dtype) -> None:
+    c = make_case(23, 40, (24, 8), num_slots=5, max_rank=8, dtype=dtype, ranks=[8, 4, 1, 8, 3])
+    got = run(c, "torch")
+    torch.testing.assert_close(got.double(), independent_f64(c), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_add_lora_is_the_one_slice_form() -> None:
+    c = make_case(9, 32, (16,), num_slots=3, max_rank=4, dtype=torch.float32)
+    y = c["y"].clone()
+    add_lora(y, c["x"], c["lora_a"][0], c["lora_b"][0], c["slot_ids"], c["scalings"], backend="torch")
+    torch.testing.assert_close(y.double(), independent_f64(c), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_uses_reference_on_cpu() -> None:
+    c = make_case(7, 16, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
+    torch.testing.assert_close(run(c, "auto"), run(c, "torch"), rtol=0, atol=0)
+
+
+# --- LoRAMeta ------------------------------------------------------------------------------------------
+
+def test_meta_groups_rows_by_slot() -> None:
+    slot_ids = torch.tensor([2, -1, 0, 2, 2, -1, 0], dtype=torch.int32)
+    meta = LoRAMeta.build(slot_ids, 4)
+    assert meta.sorted_rows.tolist() == [1, 5, 2, 6, 0, 3, 4]
+    assert meta.counts.tolist() == [2, 0, 3, 0]
+    assert meta.seg_starts.tolist() == [2, 4, 4, 7]
+    blocks = meta.blocks(2)
+    used = [tuple(b) for b in blocks.tolist() if b[0] >= 0]
+    assert used == [(0, 2, 4), (2, 4, 6), (2, 6, 7)]
+    assert blocks.shape[0] >= len(used)
+
+
+# --- every backend against the reference ----------------------------------------------------------------
+
+CASES = {
+    # name: (t, in, outs, num_slots, max_rank, slot_ids, ranks)
+    "unsorted_with_no_adapter_rows": (37, 48, (40,), 5, 16, None, None),
+    "all_rows_no_adapter": (11, 32, (24,), 3, 8, [-1] * 11, None),
+    "one_slot_for_all_rows": (29, 40, (36,), 4, 16, [2] * 29, None),
+    "every_row_its_own_slot": (13, 24, (20,), 13, 8, [12 - i for i in range(13)], None),
+    "mixed_ranks": (33, 56, (48,), 4, 16, None, [16, 3, 0, 9]),
+    "odd_sizes": (19, 37, (53,), 3, 5, None, None),
+    "single_row": (1, 64, (32,), 3, 16, [1], None),
+    "multi_slice_qkv": (21, 48, (48, 16, 16), 3, 8, None, None),
+    "multi_slice_mixed_ranks": (17, 32, (24, 40), 4, 16, None, [16, 5, 1, 12]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_matches_reference(backend: str, case: str, dtype: torch.dtype) -> None:
+    t, d_in, outs, slots, rank, slot_ids, ranks = CASES[case]
+    c = make_case(t, d_in, outs, slots, rank, dtype, slot_ids, ranks, seed=hash(case) % 1000)
+    assert_matches_reference(c, backend)
+
+
+@pytest.mark.parametrize("backend", (*CPU_BACKENDS, "torch", "auto"))
+def test_empty_batch_is_a_no_op(backend: str) -> None:
+    c = make_case(0, 16, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
+    y = run(c, backend)
+    assert y.shape == (0, 16)
+
+
+# --- bad arguments ---------------------------------------------------------------------------------------
+
+def _bad(**change):
+    c = make_case(6, 16, (8,), num_slots=3, max_rank=4, dtype=torch.float32)
+    c["lora_a"], c["lora_b"] = c["lora_a"][0], c["lora_b"][0]
+    c.update(change)
+    y, backend = c.pop("y"), c.pop("backend", "torch")
+    return lambda: add_lora(y, **c, backend=backend)
+
+
+@pytest.mark.parametrize("change, argument", [
+    (dict(x=torch.randn(6, 15)), "lora_a"),
+    (dict(x=torch.randn(5, 16)), "y"),
+    (dict(x=torch.randn(6, 16, dtype=torch.float64)), "x"),
+    (dict(y=torch.randn(6, 9)), "y"),
+    (dict(y=torch.randn(6, 8, dtype=torch.float16)), "y"),
+    (dict(lora_a=torch.randn(3, 5, 16)), "lora_b"),
+    (dict(lora_b=torch.randn(2, 8, 4)), "lora_b"),
+    (dict(lora_a=torch.randn(3, 4, 16, dtype=torch.float16)), "lora_a"),
+    (dict(slot_ids=torch.tensor([0, 1, 2, 3, 0, 0], dtype=torch.int32)), "slot_ids"),
+    (dict(slot_ids=torch.tensor([0, 1, -2, 0, 0, 0], dtype=torch.int32)), "slot_ids"),
+    (dict(slot_ids=torch.zeros(6, dtype=torch.int64)), "slot_ids"),
+    (dict(slot_ids=torch.zeros(5, dtype=torch.int32)), "slot_ids"),
+    (dict(scalings=torch.ones(3, dtype=torch.float64)), "scalings"),
+    (dict(scalings=torch.ones(2)), "scalings"),
+    (dict(ranks=torch.tensor([4, 5, 1], dtype=torch.int32)), "ranks"),
+    (dict(ranks=torch.tensor([4, 4, 1], dtype=torch.int64)), "ranks"),
+    (dict(meta=LoRAMeta.build(torch.zeros(6, dtype=torch.int32), 2)), "meta"),
+    (dict(backend="fastest"), "backend"),
+    (dict(lora_a=torch.randn(3, 4, 16, device="meta")), "lora_a"),
+])
+def test_bad_argument_names_the_argument(change: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=f"^{argument}"):
+        _bad(**change)()
+
+
+def test_bad_slice_lists_are_rejected() -> None:
+    c = make_case(4, 16, (8, 8), num_slots=2, max_rank=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="lora_a, lora_b"):
+        add_lora_slices(c["y"], c["x"], c["lora_a"], c["lora_b"][:1], c["slot_ids"], c["scalings"])
+    with pytest.raises(ValueError, match=r"lora_b\[1\]"):
+        add_lora_slices(c["y"], c["x"], c["lora_a"], [c["lora_b"][0], c["lora_b"][1][:, :, :3]],
+                        c["slot_ids"], c["scalings"])
+
+
+def test_package_exports_the_contract() -> None:
+    assert set(kernels.BACKENDS) == {"torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "cuda",
+                                     "auto"}
