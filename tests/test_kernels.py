@@ -9,7 +9,7 @@ import torch
 import kernels
 from kernels import LoRAMeta, add_lora, add_lora_slices
 
-CPU_BACKENDS = ("loop", "gather_bmm")
+CPU_BACKENDS = ("loop", "gather_bmm", "triton_sgmv", "triton_bgmv")
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
 
 
@@ -95,6 +95,13 @@ def test_meta_groups_rows_by_slot() -> None:
     assert blocks.shape[0] >= len(used)
 
 
+def test_meta_is_reused_across_layers() -> None:
+    c = make_case(30, 24, (16,), num_slots=4, max_rank=8, dtype=torch.float32)
+    meta = LoRAMeta.build(c["slot_ids"], 4)
+    for backend in ("triton_sgmv", "triton_bgmv", "loop"):
+        torch.testing.assert_close(run(c, backend, meta), run(c, "torch"), rtol=1e-4, atol=1e-4)
+
+
 # --- every backend against the reference ----------------------------------------------------------------
 
 CASES = {
@@ -125,6 +132,34 @@ def test_empty_batch_is_a_no_op(backend: str) -> None:
     c = make_case(0, 16, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
     y = run(c, backend)
     assert y.shape == (0, 16)
+
+
+def test_large_segment_spans_many_blocks() -> None:
+    c = make_case(150, 32, (24,), num_slots=2, max_rank=16, dtype=torch.float32,
+                  slot_ids=[1] * 140 + [0] * 5 + [-1] * 5)
+    assert_matches_reference(c, "triton_sgmv")
+
+
+def test_writes_only_its_columns_of_a_strided_output() -> None:
+    c = make_case(10, 32, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
+    big = torch.randn(10, 40)
+    view = big[:, 8:24]
+    view.copy_(c["y"])
+    before = big.clone()
+    for backend in ("triton_sgmv", "triton_bgmv"):
+        add_lora(view, c["x"], c["lora_a"][0], c["lora_b"][0], c["slot_ids"], c["scalings"], backend=backend)
+        assert torch.equal(big[:, :8], before[:, :8]) and torch.equal(big[:, 24:], before[:, 24:])
+        view.copy_(before[:, 8:24])
+    want = run(c, "torch")
+    add_lora(view, c["x"], c["lora_a"][0], c["lora_b"][0], c["slot_ids"], c["scalings"], backend="triton_sgmv")
+    torch.testing.assert_close(view, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
+def test_cuda_backend_explains_why_it_cannot_run() -> None:
+    c = make_case(4, 16, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="cuda backend"):
+        run(c, "cuda")
 
 
 # --- bad arguments ---------------------------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""What the Triton and CUDA backends share: the per-slice pointer table and the split-K choice."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+# Columns of the slice table, one row per slice: where its A and B stacks live and how they are laid out.
+A_PTR, A_S0, A_S1, A_S2, B_PTR, B_S0, B_S1, B_S2, OUT, OFFSET = range(10)
+TABLE_COLS = 10
+
+_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_MAX_TABLES = 256
+
+
+def slice_table(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                offsets: Sequence[int]) -> torch.Tensor:
+    """int64 [num_slices, TABLE_COLS] on the weights' device. The engine's weight stacks are fixed
+    buffers, so the table is built once per layer and cached (no host-to-device copy per call, which
+    also keeps calls capturable in a CUDA graph)."""
+    rows = [(a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), b.shape[1], off)
+            for a, b, off in zip(lora_a, lora_b, offsets, strict=True)]
+    key = (lora_a[0].device, tuple(rows))
+    table = _tables.get(key)
+    if table is None:
+        table = torch.tensor(rows, dtype=torch.int64, device=lora_a[0].device)
+        _tables[key] = table
+        if len(_tables) > _MAX_TABLES:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table
+
+
+def num_programs_target(device: torch.device) -> int:
+    """About two waves of programs: enough to keep every SM streaming memory."""
+    if device.type != "cuda":
+        return 8
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k(k: int, block_k: int, programs_without_split: int, device: torch.device) -> tuple[int, int]:
+    """(splits, k per split): the reduction over `in` is cut in parts when rows alone give too few
+    programs (decode); the expand step sums the parts, so no zeroing or atomics are needed."""
+    k_blocks = -(-k // block_k)
+    want = max(1, num_programs_target(device) // max(1, programs_without_split))
+    splits = min(1 << (want.bit_length() - 1), k_blocks, 32)
+    per_split = -(-k_blocks // splits) * block_k
+    return -(-k // per_split), per_split

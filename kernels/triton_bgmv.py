@@ -1,0 +1,86 @@
+"""BGMV in Triton: one program per (row, tile), each row reads its own slot's weights, no grouping and
+no metadata (decode: one token per request). Vector products instead of tensor-core dots, so tiles need
+no padding to 16 rows. Same two steps as SGMV: shrink to fp32 partials, expand into y."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import launch
+
+
+@triton.jit
+def _bgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, slot_ids_ptr, ranks_ptr, buf_ptr, T, K, R, k_per_split,
+                        HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    r_id, pid_k, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slot_ids_ptr + r_id)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
+    row = table_ptr + j * 10
+    a_ptr = tl.load(row + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    a_ptr += slot.to(tl.int64) * tl.load(row + 1)
+    sa1, sa2 = tl.load(row + 2), tl.load(row + 3)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    x_row = x_ptr + r_id.to(tl.int64) * sx0
+    k_start = pid_k * k_per_split
+    for k in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        xv = tl.load(x_row + offs_k * sx1, mask=k_mask, other=0.0).to(tl.float32)
+        at = tl.load(a_ptr + offs_r[:, None] * sa1 + offs_k[None, :] * sa2,
+                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += at.to(tl.float32) * xv[None, :]
+    out = buf_ptr + ((pid_k * tl.num_programs(2) + j) * T + r_id) * R + offs_r
+    tl.store(out, tl.sum(acc, axis=1), mask=offs_r < R)
+
+
+@triton.jit
+def _bgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, slot_ids_ptr, ranks_ptr, scalings_ptr,
+                        T, R, splits, HAS_RANKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    r_id, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot = tl.load(slot_ids_ptr + r_id)
+    row = table_ptr + j * 10
+    n_out = tl.load(row + 8)
+    if slot < 0 or pid_n * BLOCK_N >= n_out:
+        return
+    rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    t = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in range(splits):
+        t += tl.load(buf_ptr + ((s * tl.num_programs(2) + j) * T + r_id) * R + offs_r, mask=r_mask, other=0.0)
+    b_ptr = tl.load(row + 4).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    b_ptr += slot.to(tl.int64) * tl.load(row + 5)
+    sb1, sb2 = tl.load(row + 6), tl.load(row + 7)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_out
+    bt = tl.load(b_ptr + offs_n[:, None] * sb1 + offs_r[None, :] * sb2,
+                 mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+    acc = tl.sum(bt.to(tl.float32) * t[None, :], axis=1) * tl.load(scalings_ptr + slot)
+    y_row = y_ptr + r_id.to(tl.int64) * sy0 + (tl.load(row + 9) + offs_n) * sy1
+    y_old = tl.load(y_row, mask=n_mask, other=0.0)
+    tl.store(y_row, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=n_mask)
+
+
+def add_lora_bgmv(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets) -> None:
+    t, k = x.shape
+    num_slices, max_rank = len(lora_a), lora_a[0].shape[1]
+    table = launch.slice_table(lora_a, lora_b, offsets)
+    ranks_arg = ranks if ranks is not None else table
+    block_r = triton.next_power_of_2(max_rank)
+    block_k = max(16, min(256, 4096 // block_r))  # keeps the [rank, k] tile at 4096 elements
+    splits, per_split = launch.split_k(k, block_k, t * num_slices, x.device)
+    buf = torch.empty(splits, num_slices, t, max_rank, dtype=torch.float32, device=x.device)
+    _bgmv_shrink_kernel[(t, splits, num_slices)](
+        x, x.stride(0), x.stride(1), table, slot_ids, ranks_arg, buf, t, k, max_rank, per_split,
+        HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k)
+    block_n = max(16, min(256, 4096 // block_r))
+    max_out = max(b.shape[1] for b in lora_b)
+    _bgmv_expand_kernel[(t, triton.cdiv(max_out, block_n), num_slices)](
+        y, y.stride(0), y.stride(1), buf, table, slot_ids, ranks_arg, scalings, t, max_rank, splits,
+        HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r)
