@@ -1,0 +1,183 @@
+"""The Ray Serve shell around one `Engine` (one replica per GPU).
+
+Requests arrive from the router through a Ray handle and leave as plain dicts (the
+fields of a RequestOutput, or `{"error": {...}}` with an HTTP status), so the router never
+imports this package. Metrics go to prometheus-client (multiprocess mode, see
+deploy/metrics.py) with this replica's id as the `replica` label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+from ray import serve
+
+from replica import (
+    Engine,
+    EngineConfig,
+    EngineMetrics,
+    InvalidRequest,
+    LoRARequest,
+    QueueFull,
+    SamplingParams,
+)
+from storage import AdapterError, AdapterNotFound, AdapterStore, BaseModelSpec, StorageUnavailable
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+ADAPTER_HITS = Counter("lorafleet_adapter_hits", "Requests whose adapter was resident", ["replica", "tier"])
+ADAPTER_MISSES = Counter("lorafleet_adapter_misses", "Requests whose adapter had to be fetched", ["replica"])
+ADAPTER_LOADS = Counter("lorafleet_adapter_loads", "Adapters loaded into a GPU slot", ["replica"])
+ADAPTER_LOAD_SECONDS = Histogram(
+    "lorafleet_adapter_load_seconds", "Time to load an adapter", ["replica"], buckets=_LATENCY_BUCKETS
+)
+ADAPTER_EVICTIONS = Counter("lorafleet_adapter_evictions", "Adapters evicted from a GPU slot", ["replica"])
+RESIDENT_ADAPTERS = Gauge(
+    "lorafleet_resident_adapters", "Adapters resident in GPU slots", ["replica"], multiprocess_mode="livesum"
+)
+REQUESTS = Counter("lorafleet_requests", "Finished requests by status", ["replica", "status"])
+PROMPT_TOKENS = Counter("lorafleet_prompt_tokens", "Prompt tokens processed", ["replica"])
+GENERATED_TOKENS = Counter("lorafleet_generated_tokens", "Tokens generated", ["replica"])
+TTFT = Histogram(
+    "lorafleet_time_to_first_token_seconds", "Time to first token", ["replica"], buckets=_LATENCY_BUCKETS
+)
+ITL = Histogram(
+    "lorafleet_inter_token_latency_seconds",
+    "Time between output tokens",
+    ["replica"],
+    buckets=_LATENCY_BUCKETS,
+)
+QUEUE_LENGTH = Gauge(
+    "lorafleet_queue_length", "Requests waiting to be scheduled", ["replica"], multiprocess_mode="livesum"
+)
+RUNNING = Gauge(
+    "lorafleet_running_sequences", "Sequences in the running batch", ["replica"], multiprocess_mode="livesum"
+)
+
+
+class PrometheusEngineMetrics(EngineMetrics):
+    """The engine's metric hooks, exported with a `replica` label."""
+
+    def __init__(self, replica: str):
+        self.replica = replica
+
+    def adapter_hit(self, tier: str) -> None:
+        ADAPTER_HITS.labels(self.replica, tier).inc()
+
+    def adapter_miss(self) -> None:
+        ADAPTER_MISSES.labels(self.replica).inc()
+
+    def adapter_loaded(self, seconds: float) -> None:
+        ADAPTER_LOADS.labels(self.replica).inc()
+        ADAPTER_LOAD_SECONDS.labels(self.replica).observe(seconds)
+
+    def adapter_evicted(self) -> None:
+        ADAPTER_EVICTIONS.labels(self.replica).inc()
+
+    def request_finished(self, status: str) -> None:
+        REQUESTS.labels(self.replica, status).inc()
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        PROMPT_TOKENS.labels(self.replica).inc(prompt)
+        GENERATED_TOKENS.labels(self.replica).inc(generated)
+
+    def time_to_first_token(self, seconds: float) -> None:
+        TTFT.labels(self.replica).observe(seconds)
+
+    def inter_token_latency(self, seconds: float) -> None:
+        ITL.labels(self.replica).observe(seconds)
+
+    def queue(self, waiting: int, running: int, resident_adapters: int) -> None:
+        QUEUE_LENGTH.labels(self.replica).set(waiting)
+        RUNNING.labels(self.replica).set(running)
+        RESIDENT_ADAPTERS.labels(self.replica).set(resident_adapters)
+
+
+def error_dict(exc: BaseException) -> dict[str, Any] | None:
+    """The HTTP error a request failure answers with; None for a failure that is a bug."""
+    if isinstance(exc, InvalidRequest):
+        return {"status": 400, "message": str(exc), "param": exc.param}
+    if isinstance(exc, QueueFull):
+        return {"status": 429, "message": f"The replica's queue is full: {exc}", "retry_after": 1}
+    if isinstance(exc, AdapterNotFound):
+        return {"status": 404, "message": f"Adapter files not found: {exc}", "code": "adapter_not_found"}
+    if isinstance(exc, StorageUnavailable):
+        return {"status": 503, "message": f"Adapter storage unavailable: {exc}", "retry_after": 5}
+    if isinstance(exc, AdapterError):
+        return {"status": 400, "message": f"Adapter cannot be served: {exc}", "code": "invalid_adapter"}
+    return None
+
+
+class EngineReplica:
+    """One engine per replica; `record_routing_stats` feeds the placement router."""
+
+    def __init__(self, engine: dict[str, Any]):
+        config = EngineConfig(**engine)
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id if context else "local"
+        self._store = AdapterStore(
+            BaseModelSpec.from_pretrained(config.model),
+            cache_dir=config.adapter_cache_dir,
+            max_rank=config.max_lora_rank,
+            s3=config.s3,
+        )
+        self._engine = Engine(config, store=self._store, metrics=PrometheusEngineMetrics(self.replica_id))
+
+        # Ray Serve's own view of which adapters this replica holds (the multiplexed model
+        # ids its default router prefers), kept as large as the GPU slot pool.
+        @serve.multiplexed(max_num_models_per_replica=config.max_loras)
+        async def hold(adapter_id: str) -> str:
+            return adapter_id
+
+        self._hold = hold
+
+    async def generate(
+        self, prompt: str | list[int], params: dict[str, Any], adapter: dict[str, Any] | None, request_id: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        finished = False
+        try:
+            lora = LoRARequest(**adapter) if adapter else None
+            if lora is not None:
+                await self._hold(lora.name)
+            async for out in self._engine.generate(
+                prompt, SamplingParams(**params), adapter=lora, request_id=request_id
+            ):
+                finished = out.finished
+                yield dataclasses.asdict(out)
+        except Exception as exc:
+            error = error_dict(exc)
+            if error is None:
+                raise
+            yield {"error": error}
+        finally:
+            # A cancelled stream (the client went away) or a failure: free its engine state.
+            if not finished:
+                self._engine.abort(request_id)
+
+    async def validate_adapter(self, uri: str) -> dict[str, Any] | None:
+        """Load the adapter through storage (fetch, validate against the base model); the error or None."""
+        try:
+            await asyncio.to_thread(self._store.load, uri)
+        except AdapterError as exc:
+            return {**(error_dict(exc) or {}), "status": 400}
+        return None
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        stats = self._engine.stats()
+        return {
+            "queue_len": stats["num_waiting"] + stats["num_running"],
+            "resident_adapters": list(stats["resident_adapters"]),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"replica": self.replica_id, **self._engine.stats()}
+
+    def check_health(self) -> None:
+        self._engine.stats()
+
+    async def __del__(self) -> None:
+        await self._engine.shutdown()

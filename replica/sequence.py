@@ -1,0 +1,91 @@
+"""A request's state inside the engine, and what the engine streams back."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from replica.config import LoRARequest
+from replica.detokenizer import IncrementalDetokenizer
+from replica.sampling import SamplingParams
+
+_arrival = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the last output
+    token_ids: list[int]  # new token ids since the last output
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator
+    adapter: LoRARequest | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival: int = field(default_factory=lambda: next(_arrival))
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    error: BaseException | None = None  # set when the adapter failed to load
+    slot: int = -1  # adapter slot while running (-1: base model)
+    num_sent_ids: int = 0
+    num_preemptions: int = 0
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append_token(self, token: int) -> None:
+        """Record a sampled token and decide whether the sequence is done."""
+        self.output_ids.append(token)
+        p = self.params
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        # A stop token ends the text as it is; otherwise the text grows and may hit a stop string.
+        if stop_token or self.detokenizer.update(self.output_ids):
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= p.max_tokens:
+            self.finish_reason = "length"
+
+    def take_output(self) -> RequestOutput:
+        """The increment since the last output."""
+        done = self.finish_reason is not None
+        ids = self.output_ids[self.num_sent_ids :]
+        self.num_sent_ids = len(self.output_ids)
+        return RequestOutput(
+            request_id=self.request_id,
+            text=self.detokenizer.take_text(finished=done),
+            token_ids=ids,
+            finished=done,
+            finish_reason=self.finish_reason,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
