@@ -1,0 +1,115 @@
+"""Adapter-affinity placement: a Ray Serve request router for the engine deployment.
+
+Each adapter id has its own order of the live replicas (rendezvous hashing), so it keeps
+landing where its weights are already in a GPU slot. A replica whose load is over
+(1 + epsilon) x the mean load plus a constant is skipped for the next one in that order:
+a hot adapter spreads over a few replicas while a cold one stays on one. Base-only
+requests take the less loaded of two random replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from router.metrics import ROUTING_DECISIONS
+
+# Routing-stats keys the engine replicas report (replica/deployment.py: record_routing_stats).
+STAT_QUEUE_LEN = "queue_len"
+STAT_RESIDENT = "resident_adapters"
+
+
+def rendezvous_order(key: str, replica_ids: Sequence[str]) -> list[str]:
+    """Replica ids by descending highest-random-weight score for `key`.
+
+    Removing a replica only moves the keys that ranked it first; nothing else moves.
+    """
+
+    def score(replica_id: str) -> int:
+        digest = hashlib.blake2b(f"{key}\x00{replica_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+
+    return sorted(replica_ids, key=score, reverse=True)
+
+
+def bounded_order(
+    order: Sequence[str], loads: Mapping[str, float], *, epsilon: float, slack: float
+) -> tuple[list[str], list[str]]:
+    """Split a hash order into replicas within the load bound and those over it (both in order)."""
+    mean = sum(loads.get(r, 0.0) for r in order) / max(len(order), 1)
+    bound = (1.0 + epsilon) * mean + slack
+    within = [r for r in order if loads.get(r, 0.0) <= bound]
+    over = [r for r in order if loads.get(r, 0.0) > bound]
+    return within, over
+
+
+class AdapterAffinityRouter(RequestRouter):
+    """Rendezvous hashing of the multiplexed model id (the adapter id) with a load bound.
+
+    kwargs (request_router_kwargs): epsilon (default 0.5), slack (default 2.0),
+    metrics_replica (label value for the routing-decision counter).
+    """
+
+    def initialize_state(
+        self, epsilon: float = 0.5, slack: float = 2.0, metrics_replica: str = "router", **_: object
+    ) -> None:
+        if epsilon < 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+        if slack < 0:
+            raise ValueError(f"slack must be >= 0, got {slack!r}")
+        self._epsilon = float(epsilon)
+        self._slack = float(slack)
+        self._metrics_replica = metrics_replica
+        # Requests this router has in flight per replica: fresher than the periodic stats.
+        self._inflight: dict[ReplicaID, int] = {}
+        self._inflight_by_request: dict[str, ReplicaID] = {}
+
+    def _load(self, replica: RunningReplica) -> float:
+        reported = (replica.routing_stats or {}).get(STAT_QUEUE_LEN, 0)
+        return float(max(self._inflight.get(replica.replica_id, 0), reported))
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        if pending_request is None:
+            return [candidate_replicas]
+        # Sleep between passes over the ranks instead of spinning when all are full.
+        pending_request.routing_context.should_backoff = True
+        adapter = pending_request.metadata.multiplexed_model_id
+        if not adapter:
+            pair = random.sample(candidate_replicas, min(2, len(candidate_replicas)))
+            return [pair]
+
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {uid: self._load(r) for uid, r in by_id.items()}
+        order = rendezvous_order(adapter, list(by_id))
+        within, over = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
+        # Past the first choice, replicas that already hold the adapter go before those that
+        # would have to load it.
+        head, rest = within[:1], within[1:]
+        rest.sort(key=lambda uid: adapter not in (by_id[uid].routing_stats or {}).get(STAT_RESIDENT, ()))
+        return [[by_id[uid]] for uid in head + rest + over]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
+        request_id = pending_request.metadata.internal_request_id
+        self._inflight[replica_id] = self._inflight.get(replica_id, 0) + 1
+        self._inflight_by_request[request_id] = replica_id
+        adapter = pending_request.metadata.multiplexed_model_id
+        if not adapter:
+            decision = "base"
+        else:
+            live = [r.unique_id for r in self._replicas]
+            decision = "affine" if rendezvous_order(adapter, live)[:1] == [replica_id.unique_id] else "spilled"
+        ROUTING_DECISIONS.labels(replica=self._metrics_replica, decision=decision).inc()
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        routed_to = self._inflight_by_request.pop(internal_request_id, None)
+        if routed_to is not None:
+            self._inflight[routed_to] = max(0, self._inflight.get(routed_to, 0) - 1)
