@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from storage import metrics
+
 META_FILE = "meta.json"
 
 
@@ -99,6 +101,7 @@ class DiskCache:
                 if total <= self.max_bytes:
                     break
                 self.remove(path)
+                metrics.CACHE_EVICTIONS.inc()
                 total -= size
                 evicted += 1
             return evicted

@@ -250,3 +250,27 @@ def _unexpected_key(uri: str, key: str, base: BaseModelSpec) -> AdapterValidatio
         return UnsupportedAdapter(uri, "unsupported feature: LoRA bias", file=WEIGHTS_FILE, key=key)
     return AdapterValidationError(uri, "unexpected tensor", file=WEIGHTS_FILE, key=key,
                                   expected="model.layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>.weight")
+
+
+def spec_from_adapter(uri: str, folder: pathlib.Path) -> BaseModelSpec:
+    """The smallest base model this adapter fits, read from its safetensors header: lets an adapter
+    be checked for internal consistency (pairs, ranks, shapes, finiteness) without its base model."""
+    check_files(uri, {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}, max_bytes=1 << 62)
+    config = parse_config(uri, (folder / CONFIG_FILE).read_bytes())
+    shapes: dict[str, list[int]] = {}
+    num_layers = 0
+    try:
+        with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                m = _KEY.match(key)
+                if m is None or m.group(2) not in MODULES:
+                    continue  # reported by read_adapter
+                layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
+                num_layers = max(num_layers, layer + 1)
+                shape = f.get_slice(key).get_shape()
+                dims = shapes.setdefault(module, [0, 0])
+                dims[0 if ab == "A" else 1] = shape[-1] if ab == "A" else shape[0]
+    except SafetensorError as e:
+        raise AdapterValidationError(uri, f"corrupt or truncated safetensors: {e}", file=WEIGHTS_FILE) from None
+    return BaseModelSpec(name=config.base_model or "unknown", num_layers=max(num_layers, 1), hidden_size=0,
+                         module_shapes={m: (d[0], d[1]) for m, d in shapes.items()})

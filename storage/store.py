@@ -90,7 +90,7 @@ class AdapterStore:
                 metrics.CACHE_HITS.inc()
                 return self._read(uri, entry.path, entry.sha256), "hit"
             self.cache.remove(entry.path)
-            metrics.CACHE_EVICTIONS.inc()
+            metrics.CACHE_CORRUPT.inc()
         metrics.CACHE_MISSES.inc()
         with self.cache.staging() as staged:
             s3.download(listing, staged, self._progress)

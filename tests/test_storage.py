@@ -44,7 +44,8 @@ def make_adapter(dest: pathlib.Path, *, r: int, targets: list[str], rslora: bool
                         layers_to_transform=layers, init_lora_weights=False, **lora_kwargs)
     model.name_or_path = f"some-org/{BASE_NAME}"  # what a hub checkpoint carries; peft records it
     peft_model = get_peft_model(model, config)
-    peft_model.save_pretrained(dest, safe_serialization=safe)
+    # save_embedding_layers=False: peft would otherwise look the base model up on the Hub
+    peft_model.save_pretrained(dest, safe_serialization=safe, save_embedding_layers=False)
     weights, scaling = {}, None
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
