@@ -2,18 +2,29 @@
 
 Requests arrive from the router through a Ray handle and leave as plain dicts (the
 fields of a RequestOutput, or `{"error": {...}}` with an HTTP status), so the router never
-imports this package. Metrics go to prometheus-client (multiprocess mode, see
-deploy/metrics.py) with this replica's id as the `replica` label.
+imports this package.
+
+Metrics: every process of the application writes through prometheus-client's multiprocess
+mode into one folder per node (PROMETHEUS_MULTIPROC_DIR, set by deploy/app.py), with this
+replica's id as the `replica` label. Each replica keeps trying to serve that folder on the
+node's metrics port, so exactly one process per node serves the metrics of all of them
+(router included) and another takes over if it dies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+import errno
+import glob
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from ray import serve
 
 from replica import (
@@ -25,7 +36,17 @@ from replica import (
     QueueFull,
     SamplingParams,
 )
-from storage import AdapterError, AdapterNotFound, AdapterStore, BaseModelSpec, StorageUnavailable
+
+ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+ENV_METRICS_PORT = "LORAFLEET_METRICS_PORT"
+ENV_METRICS_HOST = "LORAFLEET_METRICS_HOST"
+
+# storage creates metrics when it is imported, and in multiprocess mode each one is a file in
+# the folder: it must exist first.
+if os.environ.get(ENV_METRICS_DIR):
+    os.makedirs(os.environ[ENV_METRICS_DIR], exist_ok=True)
+
+from storage import AdapterError, AdapterNotFound, AdapterStore, BaseModelSpec, StorageUnavailable  # noqa: E402
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -57,6 +78,59 @@ QUEUE_LENGTH = Gauge(
 RUNNING = Gauge(
     "lorafleet_running_sequences", "Sequences in the running batch", ["replica"], multiprocess_mode="livesum"
 )
+
+
+class LiveMultiProcessCollector(MultiProcessCollector):
+    """Drops the live gauges of exited processes before collecting, so a dead replica's
+    queue length and resident adapters stop being reported."""
+
+    def __init__(self, path: str, registry: CollectorRegistry):
+        super().__init__(registry, path)
+        self._dir = path
+
+    def collect(self) -> Iterator[Metric]:
+        for path in glob.glob(os.path.join(self._dir, "gauge_live*_*.db")):
+            pid = int(os.path.basename(path).rsplit("_", 1)[1].removesuffix(".db"))
+            if not _alive(pid):
+                mark_process_dead(pid, self._dir)
+        return super().collect()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve_node_metrics(path: str, port: int, host: str) -> bool:
+    """Serve the folder's metrics on host:port; False when another process already does."""
+    registry = CollectorRegistry()
+    LiveMultiProcessCollector(path, registry)
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return False
+        raise
+    return True
+
+
+def start_node_exporter(retry_s: float = 10.0) -> None:
+    """Keep trying, in the background, to be the node's metrics exporter (env set by deploy/app.py)."""
+    path, port = os.environ.get(ENV_METRICS_DIR), int(os.environ.get(ENV_METRICS_PORT, "0"))
+    if not path or not port:
+        return
+    host = os.environ.get(ENV_METRICS_HOST, "0.0.0.0")
+
+    def keep_trying() -> None:
+        while not serve_node_metrics(path, port, host):
+            threading.Event().wait(retry_s)
+
+    threading.Thread(target=keep_trying, daemon=True, name="lorafleet-metrics").start()
 
 
 class PrometheusEngineMetrics(EngineMetrics):
@@ -126,6 +200,7 @@ class EngineReplica:
             s3=config.s3,
         )
         self._engine = Engine(config, store=self._store, metrics=PrometheusEngineMetrics(self.replica_id))
+        start_node_exporter()
 
         # Ray Serve's own view of which adapters this replica holds (the multiplexed model
         # ids its default router prefers), kept as large as the GPU slot pool.
@@ -138,7 +213,8 @@ class EngineReplica:
     async def generate(
         self, prompt: str | list[int], params: dict[str, Any], adapter: dict[str, Any] | None, request_id: str
     ) -> AsyncIterator[dict[str, Any]]:
-        finished = False
+        # A cancelled stream (the client went away) closes the engine's stream, which aborts
+        # the request there and frees its KV blocks and adapter pin.
         try:
             lora = LoRARequest(**adapter) if adapter else None
             if lora is not None:
@@ -146,17 +222,12 @@ class EngineReplica:
             async for out in self._engine.generate(
                 prompt, SamplingParams(**params), adapter=lora, request_id=request_id
             ):
-                finished = out.finished
-                yield dataclasses.asdict(out)
+                yield {**dataclasses.asdict(out), "replica": self.replica_id}
         except Exception as exc:
             error = error_dict(exc)
             if error is None:
                 raise
             yield {"error": error}
-        finally:
-            # A cancelled stream (the client went away) or a failure: free its engine state.
-            if not finished:
-                self._engine.abort(request_id)
 
     async def validate_adapter(self, uri: str) -> dict[str, Any] | None:
         """Load the adapter through storage (fetch, validate against the base model); the error or None."""
