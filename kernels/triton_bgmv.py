@@ -4,11 +4,14 @@ no padding to 16 rows. Same two steps as SGMV: shrink to fp32 partials, expand i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels import launch
+from kernels.meta import LoRAMeta
 
 
 @triton.jit
@@ -67,20 +70,42 @@ def _bgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, slot_ids_ptr, ranks
     tl.store(y_row, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=n_mask)
 
 
-def add_lora_bgmv(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets) -> None:
+def _block(max_rank: int) -> tuple[int, int]:
+    """(rank block, k or n block): the [rank, k] and [n, rank] tiles hold 4096 elements."""
+    block_r = triton.next_power_of_2(max_rank)
+    return block_r, max(16, min(256, 4096 // block_r))
+
+
+def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+           slot_ids: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta | None,
+           offsets: Sequence[int]) -> torch.Tensor:
+    """fp32 partial sums [splits, num_slices, T, max_rank]; rows without adapter are left unwritten."""
     t, k = x.shape
     num_slices, max_rank = len(lora_a), lora_a[0].shape[1]
     table = launch.slice_table(lora_a, lora_b, offsets)
-    ranks_arg = ranks if ranks is not None else table
-    block_r = triton.next_power_of_2(max_rank)
-    block_k = max(16, min(256, 4096 // block_r))  # keeps the [rank, k] tile at 4096 elements
+    block_r, block_k = _block(max_rank)
     splits, per_split = launch.split_k(k, block_k, t * num_slices, x.device)
     buf = torch.empty(splits, num_slices, t, max_rank, dtype=torch.float32, device=x.device)
     _bgmv_shrink_kernel[(t, splits, num_slices)](
-        x, x.stride(0), x.stride(1), table, slot_ids, ranks_arg, buf, t, k, max_rank, per_split,
-        HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k)
-    block_n = max(16, min(256, 4096 // block_r))
-    max_out = max(b.shape[1] for b in lora_b)
-    _bgmv_expand_kernel[(t, triton.cdiv(max_out, block_n), num_slices)](
-        y, y.stride(0), y.stride(1), buf, table, slot_ids, ranks_arg, scalings, t, max_rank, splits,
-        HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r)
+        x, x.stride(0), x.stride(1), table, slot_ids, ranks if ranks is not None else table, buf, t, k,
+        max_rank, per_split, HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k)
+    return buf
+
+
+def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+           slot_ids: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta | None,
+           offsets: Sequence[int]) -> None:
+    splits, num_slices, t, max_rank = buf.shape
+    table = launch.slice_table(lora_a, lora_b, offsets)
+    block_r, block_n = _block(max_rank)
+    grid = (t, triton.cdiv(max(b.shape[1] for b in lora_b), block_n), num_slices)
+    _bgmv_expand_kernel[grid](
+        y, y.stride(0), y.stride(1), buf, table, slot_ids, ranks if ranks is not None else table, scalings,
+        t, max_rank, splits, HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r)
+
+
+def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                  lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor,
+                  ranks: torch.Tensor | None, meta: LoRAMeta | None, offsets: Sequence[int]) -> None:
+    buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
+    expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)

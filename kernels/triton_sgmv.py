@@ -4,6 +4,8 @@ multiplies by B and the slot's scaling and adds into y. All slices go in one lau
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -87,28 +89,31 @@ def sgmv_block_m(num_rows: int) -> int:
     return 16 if num_rows <= 256 else 64
 
 
-def sgmv_shrink(x: torch.Tensor, table: torch.Tensor, meta: LoRAMeta, ranks: torch.Tensor | None,
-                num_slices: int, max_rank: int) -> torch.Tensor:
+def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+           slot_ids: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int]) -> torch.Tensor:
     """fp32 partial sums [splits, num_slices, T, max_rank] of x @ A[slot].T per row."""
     t, k = x.shape
+    num_slices, max_rank = len(lora_a), lora_a[0].shape[1]
+    table = launch.slice_table(lora_a, lora_b, offsets)
     block_m, block_k = sgmv_block_m(t), 64 if k >= 64 else 32
     blocks = meta.blocks(block_m)
     splits, per_split = launch.split_k(k, block_k, blocks.shape[0] * num_slices, x.device)
     buf = torch.empty(splits, num_slices, t, max_rank, dtype=torch.float32, device=x.device)
-    grid = (blocks.shape[0], splits, num_slices)
-    _sgmv_shrink_kernel[grid](
+    _sgmv_shrink_kernel[(blocks.shape[0], splits, num_slices)](
         x, x.stride(0), x.stride(1), table, blocks, meta.sorted_rows, ranks if ranks is not None else table,
         buf, t, k, max_rank, per_split, HAS_RANKS=ranks is not None, DOT_PRECISION=_precision(x),
         BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=block_k)
     return buf
 
 
-def sgmv_expand(y: torch.Tensor, buf: torch.Tensor, table: torch.Tensor, meta: LoRAMeta,
-                ranks: torch.Tensor | None, scalings: torch.Tensor, max_out: int) -> None:
+def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+           slot_ids: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta,
+           offsets: Sequence[int]) -> None:
     splits, num_slices, t, max_rank = buf.shape
+    table = launch.slice_table(lora_a, lora_b, offsets)
     block_m, block_n = sgmv_block_m(t), 128
     blocks = meta.blocks(block_m)
-    grid = (blocks.shape[0], triton.cdiv(max_out, block_n), num_slices)
+    grid = (blocks.shape[0], triton.cdiv(max(b.shape[1] for b in lora_b), block_n), num_slices)
     _sgmv_expand_kernel[grid](
         y, y.stride(0), y.stride(1), buf, table, blocks, meta.sorted_rows,
         ranks if ranks is not None else table, scalings, t, max_rank, splits,
@@ -116,10 +121,11 @@ def sgmv_expand(y: torch.Tensor, buf: torch.Tensor, table: torch.Tensor, meta: L
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank))
 
 
-def add_lora_sgmv(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets) -> None:
-    table = launch.slice_table(lora_a, lora_b, offsets)
-    buf = sgmv_shrink(x, table, meta, ranks, len(lora_a), lora_a[0].shape[1])
-    sgmv_expand(y, buf, table, meta, ranks, scalings, max(b.shape[1] for b in lora_b))
+def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                  lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor,
+                  ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int]) -> None:
+    buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
+    expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
 
 
 def _block_r(max_rank: int) -> int:

@@ -3,18 +3,25 @@ in its interpreter, in fp32 and fp16; bf16 is checked on the GPU by benchmarks/k
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import kernels
 from kernels import LoRAMeta, add_lora, add_lora_slices
 
-CPU_BACKENDS = ("loop", "gather_bmm", "triton_sgmv", "triton_bgmv")
-TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
+# KERNELS_TEST_DEVICE=cuda runs the backend tests on a GPU, with the cuda backend and bf16 too.
+DEVICE = os.environ.get("KERNELS_TEST_DEVICE", "cpu")
+ON_GPU = DEVICE != "cpu"
+CPU_BACKENDS = ("loop", "gather_bmm", "triton_sgmv", "triton_bgmv", *(("cuda",) if ON_GPU else ()))
+DTYPES = (torch.float32, torch.float16, *((torch.bfloat16,) if ON_GPU else ()))
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def make_case(t: int, d_in: int, outs: tuple[int, ...], num_slots: int, max_rank: int, dtype: torch.dtype,
-              slot_ids: list[int] | None = None, ranks: list[int] | None = None, seed: int = 0):
+              slot_ids: list[int] | None = None, ranks: list[int] | None = None, seed: int = 0,
+              device: str = "cpu") -> dict:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, d_in, generator=g).to(dtype)
     y = torch.randn(t, sum(outs), generator=g).to(dtype)
@@ -27,8 +34,15 @@ def make_case(t: int, d_in: int, outs: tuple[int, ...], num_slots: int, max_rank
     if slot_ids is None:
         slot_ids = torch.randint(-1, num_slots, (t,), generator=g).tolist()
     scalings = (torch.rand(num_slots, generator=g) + 0.5).float()
-    return dict(y=y, x=x, lora_a=lora_a, lora_b=lora_b, slot_ids=torch.tensor(slot_ids, dtype=torch.int32),
+    case = dict(y=y, x=x, lora_a=lora_a, lora_b=lora_b, slot_ids=torch.tensor(slot_ids, dtype=torch.int32),
                 scalings=scalings, ranks=ranks_t if ranks is not None else None)
+    return {k: _to(v, device) for k, v in case.items()}
+
+
+def _to(v: object, device: str) -> object:
+    if isinstance(v, list):
+        return [t.to(device) for t in v]
+    return v.to(device) if isinstance(v, torch.Tensor) else v
 
 
 def independent_f64(c: dict) -> torch.Tensor:
@@ -118,12 +132,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backend_matches_reference(backend: str, case: str, dtype: torch.dtype) -> None:
     t, d_in, outs, slots, rank, slot_ids, ranks = CASES[case]
-    c = make_case(t, d_in, outs, slots, rank, dtype, slot_ids, ranks, seed=hash(case) % 1000)
+    c = make_case(t, d_in, outs, slots, rank, dtype, slot_ids, ranks, seed=len(case) * t, device=DEVICE)
     assert_matches_reference(c, backend)
 
 

@@ -1,0 +1,218 @@
+// SGMV shrink and expand for CUDA GPUs, on the same batch metadata and slice table as the Triton
+// backend (kernels/meta.py, kernels/launch.py), so both read the same inputs and produce the same buf.
+//   shrink: buf[split, slice, row, r] = sum over this split's k of x[row, k] * A_slice[slot, r, k]
+//   expand: y[row, offset_slice + n] += scaling[slot] * sum_r (sum_split buf[...]) * B_slice[slot, n, r]
+// One CTA per (block of rows of one segment, split of `in` | tile of `out`, slice). CUDA-core FMAs with
+// 16-byte loads: at serving sizes the work is bound by moving weights and activations, not by math.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "sgmv.h"
+
+namespace lorafleet {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTableCols = 10;  // kernels/launch.py: A_PTR, A_S0, A_S1, A_S2, B_PTR, B_S0, B_S1, B_S2, OUT, OFFSET
+
+// Loads VEC consecutive elements as floats; VEC elements are 16 bytes when VEC > 1.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = static_cast<float>(*p);
+  } else {
+    static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) out[v] = static_cast<float>(e[v]);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Warp w owns ranks [w * RW, (w + 1) * RW); its lanes stride over k, VEC elements at a time.
+template <typename T, int BM, int RW, int VEC>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(
+    const T* __restrict__ x, int64_t sx0, const int64_t* __restrict__ table, const int* __restrict__ blocks,
+    const int* __restrict__ sorted_rows, const int* __restrict__ ranks, float* __restrict__ buf,
+    int num_rows, int K, int R, int k_per_split) {
+  const int slot = blocks[3 * blockIdx.x];
+  if (slot < 0) return;
+  const int first = blocks[3 * blockIdx.x + 1];
+  const int n = blocks[3 * blockIdx.x + 2] - first;
+  const int split = blockIdx.y, j = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t* slice = table + j * kTableCols;
+  const T* a = reinterpret_cast<const T*>(slice[0]) + slot * slice[1];
+  const int64_t sa1 = slice[2];
+  const int rank = ranks != nullptr ? ranks[slot] : R;
+
+  int rows[BM];
+#pragma unroll
+  for (int m = 0; m < BM; ++m) rows[m] = m < n ? sorted_rows[first + m] : 0;
+  float acc[BM][RW] = {};
+  const int k0 = split * k_per_split;
+  const int k1 = min(K, k0 + k_per_split);
+  for (int k = k0 + lane * VEC; k < k1; k += 32 * VEC) {
+    float av[RW][VEC];
+#pragma unroll
+    for (int i = 0; i < RW; ++i) {
+      const int r = warp * RW + i;
+      if (r < rank) {
+        load_vec<T, VEC>(a + r * sa1 + k, av[i]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) av[i][v] = 0.f;
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < BM; ++m) {
+      if (m < n) {
+        float xv[VEC];
+        load_vec<T, VEC>(x + rows[m] * sx0 + k, xv);
+#pragma unroll
+        for (int i = 0; i < RW; ++i)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[m][i] += xv[v] * av[i][v];
+      }
+    }
+  }
+  float* out = buf + (static_cast<int64_t>(split) * gridDim.z + j) * num_rows * R;
+#pragma unroll
+  for (int m = 0; m < BM; ++m) {
+#pragma unroll
+    for (int i = 0; i < RW; ++i) {
+      const float v = warp_sum(acc[m][i]);
+      const int r = warp * RW + i;
+      if (lane == 0 && m < n && r < R) out[static_cast<int64_t>(rows[m]) * R + r] = v;
+    }
+  }
+}
+
+// Thread c owns one output column; the block's rows' rank vectors (split parts summed, scaled) sit in
+// shared memory and are read by all threads at once (broadcast).
+template <typename T, int BM, int RP, int VEC>
+__global__ void __launch_bounds__(kThreads) expand_kernel(
+    T* __restrict__ y, int64_t sy0, const float* __restrict__ buf, const int64_t* __restrict__ table,
+    const int* __restrict__ blocks, const int* __restrict__ sorted_rows, const int* __restrict__ ranks,
+    const float* __restrict__ scalings, int num_rows, int R, int splits) {
+  const int slot = blocks[3 * blockIdx.x];
+  const int j = blockIdx.z;
+  const int64_t* slice = table + j * kTableCols;
+  const int64_t n_out = slice[8];
+  const int64_t col = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  if (slot < 0 || static_cast<int64_t>(blockIdx.y) * kThreads >= n_out) return;
+  const int first = blocks[3 * blockIdx.x + 1];
+  const int n = blocks[3 * blockIdx.x + 2] - first;
+  const int rank = ranks != nullptr ? ranks[slot] : R;
+  const float scale = scalings[slot];
+
+  __shared__ float t[BM][RP];
+  __shared__ int rows[BM];
+  if (threadIdx.x < BM) rows[threadIdx.x] = threadIdx.x < n ? sorted_rows[first + threadIdx.x] : 0;
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < BM * RP; idx += kThreads) {
+    const int m = idx / RP, r = idx % RP;
+    float v = 0.f;
+    if (m < n && r < rank) {
+      for (int s = 0; s < splits; ++s)
+        v += buf[((static_cast<int64_t>(s) * gridDim.z + j) * num_rows + rows[m]) * R + r];
+    }
+    t[m][r] = v * scale;
+  }
+  __syncthreads();
+  if (col >= n_out) return;
+
+  const T* b = reinterpret_cast<const T*>(slice[4]) + slot * slice[5] + col * slice[6];
+  float bv[RP];
+#pragma unroll
+  for (int r = 0; r < RP; r += VEC) {
+    if (r < rank) {
+      float chunk[VEC];
+      load_vec<T, VEC>(b + r, chunk);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) bv[r + v] = chunk[v];
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) bv[r + v] = 0.f;
+    }
+  }
+  T* y_col = y + slice[9] + col;
+#pragma unroll
+  for (int m = 0; m < BM; ++m) {
+    if (m < n) {
+      float acc = 0.f;
+#pragma unroll
+      for (int r = 0; r < RP; ++r) acc += t[m][r] * bv[r];
+      T* p = y_col + rows[m] * sy0;
+      *p = static_cast<T>(static_cast<float>(*p) + acc);
+    }
+  }
+}
+
+
+// Calls f(integral_constant<BM>, integral_constant<RP>) for the padded rank (16, 32, 64 or 128).
+template <typename F>
+void with_rank(int rp, F&& f) {
+  using std::integral_constant;
+  switch (rp) {
+    case 16: f(integral_constant<int, 16>{}, integral_constant<int, 16>{}); break;
+    case 32: f(integral_constant<int, 16>{}, integral_constant<int, 32>{}); break;
+    case 64: f(integral_constant<int, 8>{}, integral_constant<int, 64>{}); break;
+    default: f(integral_constant<int, 4>{}, integral_constant<int, 128>{}); break;
+  }
+}
+
+template <typename T>
+void launch_shrink(const Batch& b, const T* x, int64_t sx0, int K, float* buf, int splits, int k_per_split) {
+  const dim3 grid(b.num_blocks, splits, b.num_slices);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_rank(rank_pad(b.max_rank), [&](auto bm, auto rp) {
+    constexpr int kBM = decltype(bm)::value, kRW = decltype(rp)::value / kWarps;
+    constexpr int kVec = 16 / sizeof(T);
+    if (b.vec)
+      shrink_kernel<T, kBM, kRW, kVec><<<grid, kThreads, 0, stream>>>(
+          x, sx0, b.table, b.blocks, b.sorted_rows, b.ranks, buf, b.num_rows, K, b.max_rank, k_per_split);
+    else
+      shrink_kernel<T, kBM, kRW, 1><<<grid, kThreads, 0, stream>>>(
+          x, sx0, b.table, b.blocks, b.sorted_rows, b.ranks, buf, b.num_rows, K, b.max_rank, k_per_split);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_expand(const Batch& b, T* y, int64_t sy0, const float* buf, int splits, const float* scalings,
+                   int64_t max_out) {
+  const dim3 grid(b.num_blocks, (max_out + kThreads - 1) / kThreads, b.num_slices);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_rank(rank_pad(b.max_rank), [&](auto bm, auto rp) {
+    constexpr int kBM = decltype(bm)::value, kRP = decltype(rp)::value;
+    constexpr int kVec = 16 / sizeof(T);
+    if (b.vec)
+      expand_kernel<T, kBM, kRP, kVec><<<grid, kThreads, 0, stream>>>(
+          y, sy0, buf, b.table, b.blocks, b.sorted_rows, b.ranks, scalings, b.num_rows, b.max_rank, splits);
+    else
+      expand_kernel<T, kBM, kRP, 1><<<grid, kThreads, 0, stream>>>(
+          y, sy0, buf, b.table, b.blocks, b.sorted_rows, b.ranks, scalings, b.num_rows, b.max_rank, splits);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// One translation unit per dtype instantiates these, so ninja compiles them in parallel.
+#define LORAFLEET_INSTANTIATE(T)                                                                       \
+  template void launch_shrink<T>(const Batch&, const T*, int64_t, int, float*, int, int);               \
+  template void launch_expand<T>(const Batch&, T*, int64_t, const float*, int, const float*, int64_t);
+
+}  // namespace lorafleet

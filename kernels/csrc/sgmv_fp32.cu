@@ -1,0 +1,5 @@
+#include "sgmv.cuh"
+
+namespace lorafleet {
+LORAFLEET_INSTANTIATE(float)
+}  // namespace lorafleet
