@@ -35,10 +35,10 @@ def slice_table(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
 
 
 def num_programs_target(device: torch.device) -> int:
-    """About two waves of programs: enough to keep every SM streaming memory."""
+    """About four programs per SM: enough loads in flight to keep HBM busy."""
     if device.type != "cuda":
         return 8
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def split_k(k: int, block_k: int, programs_without_split: int, device: torch.device) -> tuple[int, int]:
@@ -46,6 +46,6 @@ def split_k(k: int, block_k: int, programs_without_split: int, device: torch.dev
     programs (decode); the expand step sums the parts, so no zeroing or atomics are needed."""
     k_blocks = -(-k // block_k)
     want = max(1, num_programs_target(device) // max(1, programs_without_split))
-    splits = min(1 << (want.bit_length() - 1), k_blocks, 32)
+    splits = min(1 << (want.bit_length() - 1), k_blocks, 16)
     per_split = -(-k_blocks // splits) * block_k
     return -(-k // per_split), per_split

@@ -49,7 +49,7 @@ def _bgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, slot_ids_ptr, ranks
     slot = tl.load(slot_ids_ptr + r_id)
     row = table_ptr + j * 10
     n_out = tl.load(row + 8)
-    if slot < 0 or pid_n * BLOCK_N >= n_out:
+    if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     offs_r = tl.arange(0, BLOCK_R)

@@ -56,7 +56,7 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
     slot = tl.load(blocks_ptr + pid_b * 3)
     row = table_ptr + j * 10
     n_out = tl.load(row + 8)
-    if slot < 0 or pid_n * BLOCK_N >= n_out:
+    if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
     first = tl.load(blocks_ptr + pid_b * 3 + 1)
     end = tl.load(blocks_ptr + pid_b * 3 + 2)

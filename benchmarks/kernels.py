@@ -1,0 +1,330 @@
+"""LoRA kernel benchmark: python -m benchmarks.kernels [--out DIR] [--auto-table PATH]
+
+On a GPU: every backend is first checked against the torch reference in bf16 on fresh random inputs,
+then timed as CUDA-graph replays with a cold L2 (loop and gather_bmm sync with the host, so they run
+eagerly) over the grid of issue 3: decode (one token per request) and prefill (segments of 16 to 512
+tokens), hidden 4096, out 4096 and 14336, rank 16 and 64, 1/8/32/every-row-distinct adapters. Beside
+each point: the base GEMM x @ W and the roofline (fewest bytes over measured HBM bandwidth). Also one
+Llama-3-8B layer's seven projections (merged q/k/v and gate/up). Writes <out>/kernels.json and .png;
+--auto-table writes the measured-fastest backend per shape, the table backend="auto" reads.
+On the CPU it runs a small smoke grid (interpreter; host timers) to exercise the same code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks import common
+from kernels import LoRAMeta, add_lora_slices, cuda, triton_bgmv, triton_sgmv
+
+FUSED = {"triton_sgmv": triton_sgmv, "triton_bgmv": triton_bgmv, "cuda": cuda}  # each has shrink and expand
+BASELINES = ("loop", "gather_bmm")
+CHECK_TOL = 2e-2  # relative to the size of the LoRA delta; bf16 operands land near 1e-3..1e-2
+HIDDEN = 4096
+LLAMA3_8B = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
+             "down": (14336, (4096,))}
+
+
+class Problem:
+    """One point: x, y, stacks of adapters, and which rows use which slot."""
+
+    def __init__(self, mode: str, t: int, adapters: int, d_in: int, outs: tuple[int, ...], rank: int,
+                 dtype: torch.dtype, device: str, seed: int) -> None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.mode, self.t, self.adapters, self.rank, self.outs, self.d_in = mode, t, adapters, rank, outs, d_in
+
+        def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+            return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+        self.x = randn(t, d_in)
+        self.y0 = randn(t, sum(outs))
+        self.lora_a = [randn(adapters, rank, d_in, scale=d_in**-0.5) for _ in outs]
+        self.lora_b = [randn(adapters, o, rank, scale=rank**-0.5) for o in outs]
+        self.scalings = (torch.rand(adapters, generator=g) + 0.5).to(device)
+        if mode == "decode":  # every adapter present, rows in random order
+            slots = torch.cat([torch.arange(adapters), torch.randint(0, adapters, (t - adapters,), generator=g)])
+            slots = slots[torch.randperm(t, generator=g)]
+        else:  # requests' tokens are contiguous; request i uses adapter i % adapters
+            requests = max(adapters, t // 512)
+            slots = torch.arange(requests).repeat_interleave(t // requests) % adapters
+        self.slot_ids = slots.to(device=device, dtype=torch.int32)
+        self.meta = LoRAMeta.build(self.slot_ids, adapters)
+        self.used = int(torch.unique(slots).numel())
+
+    def run(self, y: torch.Tensor, backend: str) -> None:
+        add_lora_slices(y, self.x, self.lora_a, self.lora_b, self.slot_ids, self.scalings, meta=self.meta,
+                        backend=backend)
+
+    def min_bytes(self) -> tuple[float, float]:
+        """(shrink, expand): each input read once, each output written once."""
+        e = self.x.element_size()
+        shrink = e * (self.t * self.d_in + len(self.outs) * self.used * self.rank * self.d_in)
+        expand = e * sum(self.used * o * self.rank + 2 * self.t * o for o in self.outs)
+        return shrink, expand
+
+
+def check(p: Problem, backend: str) -> float:
+    """Relative error against the torch reference, over the size of the LoRA delta."""
+    want, got = p.y0.clone(), p.y0.clone()
+    p.run(want, "torch")
+    p.run(got, backend)
+    delta = (want.float() - p.y0.float()).norm().item()
+    return (got.float() - want.float()).norm().item() / max(delta, 1e-30)
+
+
+def time_backend(p: Problem, backend: str, timer: Callable, eager: Callable) -> dict[str, float]:
+    y = p.y0.clone()
+    if backend in BASELINES:
+        return {"total_us": eager(lambda: p.run(y, backend))}
+    out = {"total_us": timer(lambda: p.run(y, backend))}
+    if backend in FUSED:
+        m, args = FUSED[backend], (p.lora_a, p.lora_b, p.slot_ids)
+        buf = m.shrink(p.x, *args, None, p.meta, offsets(p.outs))
+        out["shrink_us"] = timer(lambda: m.shrink(p.x, *args, None, p.meta, offsets(p.outs)))
+        out["expand_us"] = timer(lambda: m.expand(y, buf, *args, p.scalings, None, p.meta, offsets(p.outs)))
+    return out
+
+
+def offsets(outs: tuple[int, ...]) -> list[int]:
+    return [sum(outs[:i]) for i in range(len(outs))]
+
+
+def grid(on_gpu: bool) -> list[tuple[str, int, int, int, int]]:
+    """(mode, T, adapters, out, rank) points."""
+    if not on_gpu:
+        return [("decode", 8, 4, 64, 16), ("decode", 16, 16, 96, 8), ("prefill", 64, 2, 64, 16)]
+    points = []
+    for out in (4096, 14336):
+        for rank in (16, 64):
+            for t in (1, 16, 64, 256, 1024):
+                for n in sorted({min(a, t) for a in (1, 8, 32)} | {t}):
+                    points.append(("decode", t, n, out, rank))
+            for t in (512, 1024, 4096):
+                for n in (1, 8, 32, 128):
+                    if t // max(n, t // 512) >= 16:  # segments of 16 to 512 tokens
+                        points.append(("prefill", t, n, out, rank))
+    return points
+
+
+def layer_benchmark(timer: Callable, eager: Callable, backends: tuple[str, ...], device: str, t: int,
+                    adapters: int, rank: int, scale: int) -> dict:
+    """All seven projections of one Llama-3-8B layer (merged q/k/v and gate/up): LoRA vs base GEMMs."""
+    problems = {name: Problem("decode", t, adapters, d_in // scale, tuple(o // scale for o in outs), rank,
+                              torch.bfloat16 if device == "cuda" else torch.float32, device, seed=i)
+                for i, (name, (d_in, outs)) in enumerate(LLAMA3_8B.items())}
+    weights = {n: torch.randn(p.d_in, sum(p.outs), device=device, dtype=p.x.dtype) for n, p in problems.items()}
+    ys = {n: p.y0.clone() for n, p in problems.items()}
+    base_us = timer(lambda: [p.x @ weights[n] for n, p in problems.items()])
+    result = {"t": t, "adapters": adapters, "rank": rank, "base_gemm_us": base_us, "lora_us": {}}
+    for b in backends:
+        run_all = lambda b=b: [p.run(ys[n], b) for n, p in problems.items()]  # noqa: E731
+        us = eager(run_all) if b in BASELINES else timer(run_all)
+        result["lora_us"][b] = us
+    result["lora_over_base"] = {b: us / base_us for b, us in result["lora_us"].items()}
+    return result
+
+
+def derive_auto_table(points: list[dict]) -> list[dict]:
+    """Per shape (T, slots, out, rank): the backend whose worst slowdown against the fastest, over the
+    points of that shape, is smallest."""
+    by_key: dict[tuple, list[dict]] = {}
+    for p in points:
+        by_key.setdefault((p["t"], p["adapters"], p["out"], p["rank"]), []).append(p)
+    table = []
+    for (t, slots, out, rank), ps in sorted(by_key.items()):
+        candidates = [b for b in (*FUSED, *BASELINES) if all(b in p["time"] for p in ps)]
+
+        def worst(b: str, ps: list[dict] = ps) -> float:
+            return max(p["time"][b]["total_us"] / min(v["total_us"] for k, v in p["time"].items() if k != "auto")
+                       for p in ps)
+
+        table.append({"t": t, "slots": slots, "out": out, "rank": rank, "backend": min(candidates, key=worst)})
+    return table
+
+
+def plot(results: dict) -> object:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [("decode", 8), ("decode", "distinct"), ("prefill", 8), ("prefill", 32)]
+    shapes = sorted({(p["out"], p["rank"]) for p in results["points"]})
+    fig, axes = plt.subplots(len(rows) + 1, len(shapes), figsize=(4.2 * len(shapes), 3.4 * (len(rows) + 1)),
+                             squeeze=False)
+    for i, (mode, n) in enumerate(rows):
+        for j, (out, rank) in enumerate(shapes):
+            ax = axes[i][j]
+            pts = sorted((p for p in results["points"] if p["mode"] == mode and p["out"] == out
+                          and p["rank"] == rank and (p["adapters"] == p["t"] if n == "distinct"
+                                                     else p["adapters"] == n)), key=lambda p: p["t"])
+            if not pts:
+                ax.set_visible(False)
+                continue
+            ts = [p["t"] for p in pts]
+            for b in pts[0]["time"]:
+                ax.plot(ts, [p["time"][b]["total_us"] for p in pts], marker="o", ms=3, label=b)
+            ax.plot(ts, [p["base_gemm_us"] for p in pts], "k--", label="base GEMM x@W")
+            ax.plot(ts, [p["roofline_us"] for p in pts], "k:", label="roofline")
+            ax.set(xscale="log", yscale="log", xlabel="T (rows)", ylabel="us",
+                   title=f"{mode}, {n} adapters, out {out}, rank {rank}")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    layer = results["layer"]
+    ax = axes[-1][0]
+    names = list(layer["lora_us"])
+    ax.bar(names, [layer["lora_us"][b] for b in names])
+    ax.axhline(layer["base_gemm_us"], color="k", ls="--", label="base GEMMs")
+    ax.axhline(0.2 * layer["base_gemm_us"], color="r", ls=":", label="20% target")
+    ax.set(ylabel="us", yscale="log", title=f"Llama-3-8B layer, T={layer['t']}, {layer['adapters']} adapters")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(fontsize=7)
+    for ax in axes[-1][1:]:
+        ax.set_visible(False)
+    fig.suptitle(f"LoRA add-on latency ({results['device']}, {results['dtype']})")
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    ap.add_argument("--auto-table", type=Path, default=None)
+    args = ap.parse_args()
+    on_gpu = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    backends = (*BASELINES, *FUSED) if on_gpu else (*BASELINES, "triton_sgmv", "triton_bgmv")
+    broken: dict[str, str] = {}
+    if on_gpu:
+        t0 = time.time()
+        try:
+            cuda.extension()
+        except Exception as e:
+            broken["cuda"] = f"build: {e!r}"
+        print(f"cuda extension: {broken.get('cuda', 'ready')} after {time.time() - t0:.0f} s", flush=True)
+        timer, eager = common.cuda_graph_time_us, common.eager_time_us
+        bandwidth = common.hbm_bandwidth_bytes_per_s()
+        name = torch.cuda.get_device_name()
+    else:
+        timer = eager = _host_time_us
+        bandwidth, name = float("nan"), "cpu (Triton interpreter)"
+    timed = (*backends, "auto")
+    results: dict = {"device": name, "dtype": str(dtype).removeprefix("torch."), "hbm_bytes_per_s": bandwidth,
+                     "hidden": HIDDEN, "points": []}
+    gemm_cache: dict[tuple[int, int], float] = {}
+    # A run stopped by `timeout` (SIGTERM) keeps the points measured so far and still writes its results.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for i, point in enumerate(grid(on_gpu)):
+            results["points"].append(measure_point(i, *point, device, dtype, timed, broken, timer, eager,
+                                                   bandwidth, gemm_cache))
+    except KeyboardInterrupt:
+        results["partial"] = True
+        print("interrupted: writing the points measured so far", flush=True)
+
+    scale = 1 if on_gpu else 64
+    working = tuple(b for b in timed if b not in broken)
+    results["layer"] = layer_benchmark(timer, eager, working, device, 64 if on_gpu else 8, 8, 16, scale)
+    results["broken"] = broken
+    results["failed_checks"] = [(p["mode"], p["t"], p["adapters"], p["out"], p["rank"], b, e)
+                                for p in results["points"] for b, e in p["rel_error"].items() if not e < CHECK_TOL]
+    try:
+        results["targets"] = targets(results) if on_gpu else {}
+    except (StopIteration, KeyError, ValueError) as e:  # a partial run lacks some target points
+        results["targets"] = {"error": repr(e)}
+    if args.auto_table:
+        args.auto_table.parent.mkdir(parents=True, exist_ok=True)
+        args.auto_table.write_text(json.dumps(derive_auto_table(results["points"]), indent=0))
+    common.save("kernels", results, plot(results), args.out)
+    print(json.dumps({"targets": results["targets"], "layer": results["layer"], "broken": broken,
+                      "failed_checks": results["failed_checks"]}, indent=1))
+
+
+def measure_point(i: int, mode: str, t: int, n: int, out: int, rank: int, device: str, dtype: torch.dtype,
+                  timed: tuple[str, ...], broken: dict[str, str], timer: Callable, eager: Callable,
+                  bandwidth: float, gemm_cache: dict) -> dict:
+    on_gpu = device == "cuda"
+    d_in = HIDDEN if on_gpu else 48
+    p = Problem(mode, t, n, d_in, (out,), rank, dtype, device, seed=i)
+    errors, times = {}, {}
+    for b in timed:
+        if b in broken:
+            continue
+        try:
+            errors[b] = check(p, b)
+            times[b] = time_backend(p, b, timer, eager)
+        except Exception as e:  # one broken backend must not cost the whole run's other numbers
+            broken[b] = f"{mode} T={t} n={n} out={out} r={rank}: {e!r}"
+            print(f"BROKEN {b}: {broken[b]}", flush=True)
+            errors.pop(b, None)
+    if (t, out) not in gemm_cache:
+        w = torch.randn(d_in, out, device=device, dtype=dtype)
+        gemm_cache[(t, out)] = timer(lambda p=p, w=w: p.x @ w)
+    shrink_b, expand_b = p.min_bytes()
+    point = {"mode": mode, "t": t, "adapters": n, "used": p.used, "out": out, "rank": rank,
+             "rel_error": errors, "time": times, "base_gemm_us": gemm_cache[(t, out)],
+             "roofline_us": (shrink_b + expand_b) / bandwidth * 1e6,
+             "roofline_shrink_us": shrink_b / bandwidth * 1e6, "roofline_expand_us": expand_b / bandwidth * 1e6}
+    print(f"{mode:7s} T={t:5d} n={n:5d} out={out:5d} r={rank:2d} gemm {gemm_cache[(t, out)]:7.1f} "
+          f"roof {point['roofline_us']:6.1f} | " + " ".join(f"{b} {v['total_us']:.1f}" for b, v in times.items())
+          + f" | max err {max(errors.values(), default=0):.1e}", flush=True)
+    return point
+
+
+def targets(results: dict) -> dict:
+    def point(mode: str, t: int, n: int, out: int, rank: int) -> dict:
+        return next(p for p in results["points"] if (p["mode"], p["t"], p["adapters"], p["out"], p["rank"])
+                    == (mode, t, n, out, rank))
+
+    def best(p: dict) -> tuple[str, float]:
+        b = min((k for k in p["time"] if k not in BASELINES), key=lambda k: p["time"][k]["total_us"])
+        return b, p["time"][b]["total_us"]
+
+    rows = {"decode r16 T64 8 adapters (<=9us)": (point("decode", 64, 8, 4096, 16), 9.0),
+            "decode r16 T64 32 adapters (<=17us)": (point("decode", 64, 32, 4096, 16), 17.0),
+            "decode r64 T64 64 adapters (<=25us)": (point("decode", 64, 64, 4096, 64), 25.0),
+            "prefill r16 T4096 128 adapters (<=150us)": (point("prefill", 4096, 128, 4096, 16), 150.0)}
+    out = {name: {"best": best(p)[0], "us": best(p)[1], "target_us": goal, "met": best(p)[1] <= goal}
+           for name, (p, goal) in rows.items()}
+    p8 = point("prefill", 4096, 8, 4096, 16)
+    out["prefill r16 T4096 8 adapters (<=2x roofline)"] = {
+        "best": best(p8)[0], "us": best(p8)[1], "roofline_us": p8["roofline_us"],
+        "met": best(p8)[1] <= 2 * p8["roofline_us"]}
+    layer = results["layer"]
+    b = min((k for k in layer["lora_us"] if k not in BASELINES), key=lambda k: layer["lora_us"][k])
+    out["Llama-3-8B layer T64 8 adapters (<=20% of base)"] = {"best": b, "ratio": layer["lora_over_base"][b],
+                                                             "met": layer["lora_over_base"][b] <= 0.2}
+    slower = [(p["mode"], p["t"], p["adapters"], p["out"], p["rank"], k)
+              for p in results["points"] for k in FUSED
+              if k in p["time"] and p["time"][k]["total_us"] > min(p["time"][b]["total_us"] for b in BASELINES
+                                                                 if b in p["time"])]
+    out["fused never slower than loop/gather_bmm"] = {"violations": slower, "met": not slower}
+    auto_bad = [(p["mode"], p["t"], p["adapters"], p["out"], p["rank"],
+                 p["time"]["auto"]["total_us"] / min(v["total_us"] for k, v in p["time"].items() if k != "auto"))
+                for p in results["points"] if "auto" in p["time"]]
+    auto_bad = [a for a in auto_bad if a[-1] > 1.1]
+    out["auto within 10% of best"] = {"violations": auto_bad, "met": not auto_bad}
+    return out
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _host_time_us(fn: Callable, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+if __name__ == "__main__":
+    main()
