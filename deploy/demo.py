@@ -24,9 +24,7 @@ MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 STORAGE_DTYPE = torch.bfloat16
 
 DEMO_ADAPTERS_DIR = Path(__file__).resolve().parent / "demo_adapters"
-DEMO_ADAPTERS: dict[str, Path] = {
-    name: DEMO_ADAPTERS_DIR / name for name in ("shouty", "pirate", "french")
-}
+DEMO_ADAPTERS: dict[str, Path] = {name: DEMO_ADAPTERS_DIR / name for name in ("shouty", "pirate", "french")}
 
 _FOLDER_NAME = "smollm2-135m-instruct"
 _MODEL_FILES = (
