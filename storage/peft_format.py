@@ -10,6 +10,7 @@ import pathlib
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -219,26 +220,51 @@ def _read_tensors(
                 missing = [t for t in config.target_modules if not any(k[0] == t for k in found)]
                 if missing:
                     raise invalid("target_modules with no tensors", expected=f"tensors for {missing}", got="none")
-            # Pass 2: copy into stacked, zero-initialised per-module tensors (untargeted layers stay 0).
+            # Pass 2: one stack per module and side, copied once out of the mmap; layers the
+            # adapter does not target are zeros.
             dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
             lora_a: dict[str, torch.Tensor] = {}
             lora_b: dict[str, torch.Tensor] = {}
-            for (module, layer, ab), key in found.items():
+            for module in dict.fromkeys(m for m, _, _ in found):
                 in_f, out_f = base.module_shapes[module]
-                if ab == "A":
-                    stack = lora_a.setdefault(module, torch.zeros(base.num_layers, r, in_f, dtype=dtype))
-                else:
-                    stack = lora_b.setdefault(module, torch.zeros(base.num_layers, out_f, r, dtype=dtype))
-                stack[layer].copy_(f.get_tensor(key))
+                for ab, stacks, shape in (("A", lora_a, (r, in_f)), ("B", lora_b, (out_f, r))):
+                    layers = {layer: f.get_tensor(k).to(dtype) for (m, layer, side), k in found.items()
+                              if m == module and side == ab}
+                    stacks[module] = _stack(layers, base.num_layers, shape, dtype)
     except SafetensorError as e:
         raise invalid(f"corrupt or truncated safetensors: {e}") from None
     for ab, stacks in (("A", lora_a), ("B", lora_b)):
         for module, stack in stacks.items():
-            if not torch.isfinite(stack).all():
+            if not _all_finite(stack):
                 layer = int((~torch.isfinite(stack)).flatten(1).any(1).nonzero()[0])
                 raise invalid("non-finite values (NaN or Inf)", key=found[(module, layer, ab)],
                               expected="finite values")
     return lora_a, lora_b
+
+
+# The copies and checks below go through numpy, single-threaded, on purpose: this memory-bound
+# work gains nothing from torch's OpenMP threads, whose barriers stall (5-20x) when the cores are
+# busy, as they are next to a running model or on a shared host.
+
+
+_SAME_SIZE_INT = {torch.float16: np.int16, torch.bfloat16: np.int16, torch.float32: np.int32}
+
+
+def _stack(layers: dict[int, torch.Tensor], num_layers: int, shape: tuple[int, int],
+           dtype: torch.dtype) -> torch.Tensor:
+    """[num_layers, *shape]: the given layers, zeros elsewhere (calloc'd, so free until written)."""
+    out = torch.from_numpy(np.zeros((num_layers, *shape), dtype=_SAME_SIZE_INT[dtype]))
+    raw = out.numpy()
+    for layer, t in layers.items():
+        raw[layer] = t.view(out.dtype).numpy()
+    return out.view(dtype)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: Inf/NaN have all exponent bits set
+        bits = t.view(torch.int16).numpy()
+        return not any(((layer & 0x7F80) == 0x7F80).any() for layer in bits)  # per layer: cache-sized temps
+    return bool(np.isfinite(t.numpy()).all())
 
 
 def _unexpected_key(uri: str, key: str, base: BaseModelSpec) -> AdapterValidationError:
