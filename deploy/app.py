@@ -18,8 +18,7 @@ from ray.serve.config import RequestRouterConfig
 
 from deploy.config import ConfigError, FleetConfig, load_config
 from deploy.keys import key_hashes
-from deploy.metrics import ENV_DIR, ENV_HOST, ENV_PORT
-from replica.deployment import EngineReplica
+from replica.deployment import ENV_METRICS_DIR, ENV_METRICS_HOST, ENV_METRICS_PORT, EngineReplica
 from router.ingress import Ingress
 from router.placement import AdapterAffinityRouter
 from storage import AdapterError, AdapterStore, BaseModelSpec, S3Options
@@ -67,8 +66,8 @@ def engine_options(config: FleetConfig, base_dir: Path) -> dict[str, Any]:
 
 def runtime_env(config: FleetConfig, metrics_dir: str) -> dict[str, Any]:
     """Every process of the application writes its metrics into the node's metrics folder."""
-    env_vars = {ENV_DIR: metrics_dir, ENV_PORT: str(config.metrics.port), ENV_HOST: config.metrics.host}
-    return {"env_vars": env_vars, "worker_process_setup_hook": "deploy.metrics.setup_worker"}
+    return {"env_vars": {ENV_METRICS_DIR: metrics_dir, ENV_METRICS_PORT: str(config.metrics.port),
+                         ENV_METRICS_HOST: config.metrics.host}}
 
 
 def build(config: FleetConfig) -> Application:

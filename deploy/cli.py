@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 
 import yaml
-from storage.cli import add_commands as add_adapter_commands
 
 from deploy.config import ConfigError, load_config
 from deploy.keys import add_key, keys_path, read_entries, revoke_keys
+from storage.cli import add_commands as add_adapter_commands
 
 APP_IMPORT_PATH = "deploy.app:build_app"
 

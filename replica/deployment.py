@@ -199,7 +199,8 @@ class EngineReplica:
             max_rank=config.max_lora_rank,
             s3=config.s3,
         )
-        self._engine = Engine(config, store=self._store, metrics=PrometheusEngineMetrics(self.replica_id))
+        self._metrics = PrometheusEngineMetrics(self.replica_id)
+        self._engine = Engine(config, store=self._store, metrics=self._metrics)
         start_node_exporter()
 
         # Ray Serve's own view of which adapters this replica holds (the multiplexed model
@@ -239,6 +240,9 @@ class EngineReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         stats = self._engine.stats()
+        # Also refresh the gauges: the engine reports them after forward passes only, so an
+        # idle engine (after an abort, say) would keep showing its last batch.
+        self._metrics.queue(stats["num_waiting"], stats["num_running"], len(stats["resident_adapters"]))
         return {
             "queue_len": stats["num_waiting"] + stats["num_running"],
             "resident_adapters": list(stats["resident_adapters"]),

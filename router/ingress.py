@@ -7,7 +7,6 @@ router, router/placement.py, uses it). Replicas answer with plain dicts: either 
 `{"error": ...}` or the fields of a replica.RequestOutput.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
@@ -54,6 +53,14 @@ class AdapterRegistration(BaseModel):
     uri: str
 
 
+def _entry_json(entry: Any) -> dict[str, Any]:
+    return {"id": entry.id, "object": "adapter", "uri": entry.uri, "revision": entry.revision}
+
+
+def _sse_data(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
 @serve.ingress(app)
 class Ingress:
     def __init__(
@@ -87,7 +94,7 @@ class Ingress:
         """Print where the API is and a ready-to-paste curl line once an engine replica answers."""
         while True:
             try:
-                self._engine.check_health.remote().result(timeout_s=600)
+                self._engine.stats.remote().result(timeout_s=600)
                 break
             except Exception:  # not up yet: the replicas are still starting
                 time.sleep(1.0)
@@ -155,9 +162,11 @@ class Ingress:
     ) -> Any:
         stream, first = await self._start(prompt, body, adapter)
         builder = ResponseBuilder(body.model, chat)
+        # Which engine replica served the request: for operators and the placement tests.
+        headers = {"x-lorafleet-replica": first.get("replica", "")}
         if body.stream:
             return StreamingResponse(self._sse(stream, first, builder, body.include_usage),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream", headers=headers)
         outputs = [first]
         try:
             async for out in stream:
@@ -168,7 +177,8 @@ class Ingress:
         if "error" in last:
             raise APIError.from_dict(last["error"])
         text = "".join(o["text"] for o in outputs)
-        return builder.full(text, last["finish_reason"], last["prompt_tokens"], last["completion_tokens"])
+        body_json = builder.full(text, last["finish_reason"], last["prompt_tokens"], last["completion_tokens"])
+        return JSONResponse(body_json, headers=headers)
 
     async def _sse(
         self, stream: DeploymentResponseGenerator, first: dict[str, Any], builder: ResponseBuilder,
@@ -258,10 +268,3 @@ class Ingress:
             raise model_not_found(adapter_id)
         return {"id": adapter_id, "object": "adapter", "deleted": True}
 
-
-def _entry_json(entry: Any) -> dict[str, Any]:
-    return {"id": entry.id, "object": "adapter", "uri": entry.uri, "revision": entry.revision}
-
-
-def _sse_data(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj)}\n\n"

@@ -93,7 +93,14 @@ class AdapterAffinityRouter(RequestRouter):
         within, over = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
         # Past the first choice, replicas that already hold the adapter go before those that
         # would have to load it.
+        # The first pass offers only the adapter's replica: a probe of a busy replica can miss
+        # its deadline, and that alone must not move the adapter. Later passes (after a
+        # backoff) offer the rest, replicas that already hold the adapter first.
+        tries = getattr(pending_request, "_lorafleet_tries", 0)
+        pending_request._lorafleet_tries = tries + 1
         head, rest = within[:1], within[1:]
+        if tries == 0 and head:
+            return [[by_id[head[0]]]]
         rest.sort(key=lambda uid: adapter not in (by_id[uid].routing_stats or {}).get(STAT_RESIDENT, ()))
         return [[by_id[uid]] for uid in head + rest + over]
 

@@ -1,0 +1,162 @@
+"""The router's parts without Ray: placement math, auth, the registry, request validation,
+error bodies."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+from pydantic import ValidationError
+
+from replica import InvalidRequest, QueueFull
+from replica.deployment import error_dict
+from router.auth import ANONYMOUS, KeyRing, Tenant, hash_api_key, new_api_key
+from router.errors import APIError
+from router.placement import bounded_order, rendezvous_order
+from router.protocol import ChatCompletionRequest, CompletionRequest, ResponseBuilder
+from router.registry import AdapterRegistry
+from storage import AdapterNotFound, StorageUnavailable
+
+
+def test_rendezvous_order_is_stable_and_moves_only_the_removed_replicas_keys():
+    replicas = [f"r{i}" for i in range(5)]
+    keys = [f"adapter-{i}" for i in range(400)]
+    first = {k: rendezvous_order(k, replicas)[0] for k in keys}
+    assert first == {k: rendezvous_order(k, list(reversed(replicas)))[0] for k in keys}
+    # Spread: every replica is first for a fair share of the keys.
+    counts = Counter(first.values())
+    assert set(counts) == set(replicas) and min(counts.values()) > 400 / 5 * 0.6
+    # Removing r2 moves exactly the keys r2 owned, each to its own second choice.
+    survivors = [r for r in replicas if r != "r2"]
+    for k in keys:
+        after = rendezvous_order(k, survivors)[0]
+        if first[k] != "r2":
+            assert after == first[k]
+        else:
+            assert after == rendezvous_order(k, replicas)[1]
+
+
+def test_bounded_order_skips_replicas_over_the_bound_in_hash_order():
+    order = ["a", "b", "c", "d"]
+    within, over = bounded_order(order, {"a": 0, "b": 0, "c": 0, "d": 0}, epsilon=0.5, slack=2)
+    assert (within, over) == (order, [])
+    # mean 3, bound 1.5 * 3 + 2 = 6.5: a (10) is skipped, the rest keep their order.
+    within, over = bounded_order(order, {"a": 10, "b": 1, "c": 1, "d": 0}, epsilon=0.5, slack=2)
+    assert (within, over) == (["b", "c", "d"], ["a"])
+    # The constant keeps a cold adapter in place while loads are small.
+    within, _ = bounded_order(order, {"a": 2, "b": 0, "c": 0, "d": 0}, epsilon=0.0, slack=2)
+    assert within[0] == "a"
+
+
+def test_hot_adapter_spreads_while_cold_ones_stay():
+    # Simulate placement of a stream of requests that stay in flight: one hot adapter
+    # and several cold ones over 4 replicas.
+    replicas = ["r0", "r1", "r2", "r3"]
+    loads = dict.fromkeys(replicas, 0)
+    placed: dict[str, set[str]] = {}
+    rng = random.Random(0)
+    for _ in range(200):
+        adapter = "hot" if rng.random() < 0.7 else f"cold-{rng.randrange(6)}"
+        within, over = bounded_order(rendezvous_order(adapter, replicas), loads, epsilon=0.25, slack=2)
+        chosen = (within or over)[0]
+        loads[chosen] += 1
+        placed.setdefault(adapter, set()).add(chosen)
+    assert len(placed["hot"]) >= 2
+    assert sum(len(v) for k, v in placed.items() if k != "hot") <= 6 + 6  # cold ones mostly stay put
+    assert max(loads.values()) <= 1.25 * sum(loads.values()) / 4 + 2 + 1
+
+
+def test_keyring_matches_hashes_only():
+    key = new_api_key()
+    assert key.startswith("lf-") and hash_api_key(key) != key
+    ring = KeyRing([Tenant("acme", ("acme-*",))], {hash_api_key(key): "acme"})
+    assert ring.tenant_for(f"Bearer {key}").name == "acme"
+    assert ring.tenant_for("Bearer lf-wrong") is None
+    assert ring.tenant_for(key) is None  # no "Bearer "
+    assert ring.tenant_for(None) is None
+    assert KeyRing([], {}, required=False).tenant_for(None) is ANONYMOUS
+    with pytest.raises(ValueError, match="ghost"):
+        KeyRing([Tenant("acme")], {hash_api_key(key): "ghost"})
+
+
+def test_tenant_patterns():
+    t = Tenant("acme", ("acme-*", "shared"))
+    assert t.may_use("acme-1") and t.may_use("shared")
+    assert not t.may_use("beta-1") and not t.may_use("shared-2") and not Tenant("none").may_use("x")
+
+
+def test_registry_revisions_never_repeat():
+    reg = AdapterRegistry({"a": "/x/a", "b": "/x/b"})
+    a0 = reg.get("a")
+    a1 = reg.register("a", "/x/a2")
+    assert a1.revision > max(a0.revision, reg.get("b").revision)
+    reg.remove("a")
+    assert reg.get("a") is None and reg.ids() == ["b"]
+    assert reg.register("a", "/x/a").revision > a1.revision
+    for bad in ("", "-x", "a b", "x" * 200):
+        with pytest.raises(ValueError, match="id"):
+            reg.register(bad, "/x")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 3}, "n"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"echo": True}, "echo"),
+        ({"max_tokens": -1}, "max_tokens"),
+    ],
+)
+def test_completion_request_validation_names_the_parameter(body, param):
+    with pytest.raises(ValidationError) as err:
+        CompletionRequest.model_validate({"model": "m", "prompt": "p", **body})
+    assert err.value.errors()[0]["loc"][0] == param
+
+
+def test_sampling_params_from_requests():
+    req = CompletionRequest(model="m", prompt="p", stop="x", temperature=0.0, seed=3)
+    assert req.sampling_params(16) == {"max_tokens": 16, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
+                                       "seed": 3, "stop": ("x",), "stop_token_ids": (), "ignore_eos": False}
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=5)
+    assert chat.sampling_params(16)["max_tokens"] == 5
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(model="m", messages=[])
+
+
+def test_response_objects():
+    b = ResponseBuilder("acme-1", chat=True)
+    full = b.full("hi", "stop", 3, 1)
+    assert full["object"] == "chat.completion" and full["usage"]["total_tokens"] == 4
+    assert full["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert b.chunk("h", None, first=True)["choices"][0]["delta"] == {"role": "assistant", "content": "h"}
+    assert b.chunk("i", "stop")["id"] == full["id"]
+    c = ResponseBuilder("base", chat=False)
+    assert c.chunk("x", None)["choices"][0]["text"] == "x" and c.usage_chunk(1, 2)["choices"] == []
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "param"),
+    [
+        (InvalidRequest("max_tokens", "too many"), 400, "max_tokens"),
+        (QueueFull("full"), 429, None),
+        (AdapterNotFound("s3://b/a", "no such key"), 404, None),
+        (StorageUnavailable("s3://b/a", "timeout"), 503, None),
+    ],
+)
+def test_replica_errors_become_openai_errors(exc, status, param):
+    error = APIError.from_dict(error_dict(exc))
+    response = error.response()
+    assert response.status_code == status
+    body = json.loads(response.body)["error"]
+    assert body["param"] == param and body["message"] and body["type"]
+    if status in (429, 503):
+        assert int(response.headers["retry-after"]) > 0
+
+
+def test_a_bug_is_not_an_api_error():
+    assert error_dict(KeyError("x")) is None
