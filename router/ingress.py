@@ -235,7 +235,7 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> JSONResponse:
         try:
-            await asyncio.wait_for(self._engine.health_check.remote(), 10.0)
+            await asyncio.wait_for(self._engine.stats.remote(), 10.0)
         except Exception as exc:  # any failure to reach a replica means not ready
             return JSONResponse({"status": "unavailable", "reason": type(exc).__name__}, status_code=503)
         return JSONResponse({"status": "ok"})
