@@ -2,8 +2,8 @@
 
 An entry is a folder `entries/<key>/` holding the adapter's files and `meta.json` (sizes and
 sha256 of each file). It is built in `tmp/<pid>-<random>/` and renamed into place in one step,
-so a writer that dies leaves no entry (only a temp folder, removed by the next cache that finds
-its process gone). Readers verify the hashes; a bad entry is dropped and fetched again."""
+so a writer that dies leaves no entry (only a temp folder, removed by the next cache on the same
+host that finds its process gone). Readers verify the hashes; a bad entry is dropped and fetched again."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ class DiskCache:
     @contextlib.contextmanager
     def staging(self) -> Iterator[pathlib.Path]:
         """A fresh temp folder to download into; removed on exit unless committed."""
-        path = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
+        path = self._temp_name()
         path.mkdir()
         try:
             yield path
@@ -78,7 +79,7 @@ class DiskCache:
 
     def remove(self, path: pathlib.Path) -> None:
         # Rename first so that no reader ever opens a half-deleted entry.
-        trash = self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
+        trash = self._temp_name()
         with contextlib.suppress(FileNotFoundError):
             path.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -112,11 +113,15 @@ class DiskCache:
     def entry_count(self) -> int:
         return sum(1 for _ in self._entries.iterdir())
 
+    def _temp_name(self) -> pathlib.Path:
+        # host and pid say whose it is: the cache folder may be shared by several hosts (a volume)
+        return self._tmp / f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}"
+
     def _remove_orphans(self) -> None:
-        """Temp folders of processes that no longer exist (a writer killed mid-download)."""
+        """Temp folders of this host's processes that no longer exist (a writer killed mid-download)."""
         for path in self._tmp.iterdir():
-            pid = int(path.name.split("-", 1)[0]) if path.name.split("-", 1)[0].isdigit() else None
-            if pid is not None and not _alive(pid):
+            host, pid, _ = path.name.rsplit(".", 2) if path.name.count(".") >= 2 else ("", "", "")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
 

@@ -10,7 +10,8 @@ CACHE_HITS = Counter("lorafleet_storage_cache_hits", "Disk cache hits")
 CACHE_MISSES = Counter("lorafleet_storage_cache_misses", "Disk cache misses")
 CACHE_EVICTIONS = Counter("lorafleet_storage_cache_evictions", "Disk cache entries evicted to stay within the size bound")
 CACHE_CORRUPT = Counter("lorafleet_storage_cache_corrupt", "Disk cache entries that failed verification (refetched)")
-CACHE_BYTES = Gauge("lorafleet_storage_cache_bytes", "Bytes held by the disk cache")
+# Replicas on one host usually share the cache folder: in multiprocess mode, report the largest.
+CACHE_BYTES = Gauge("lorafleet_storage_cache_bytes", "Bytes held by the disk cache", multiprocess_mode="max")
 FAILURES = Counter("lorafleet_storage_failures", "Adapter loads that failed, by reason", ["reason"])
 LOAD_SECONDS = Histogram(
     "lorafleet_storage_load_seconds",

@@ -66,7 +66,7 @@ class Listing:
 
     @property
     def version(self) -> str:
-        return ";".join(f"{name}={self.files[name].version}" for name in sorted(self.files))
+        return ";".join(f"{name}={self.files[name].version}" for name in ADAPTER_FILES if name in self.files)
 
 
 def is_s3(uri: str) -> bool:

@@ -35,7 +35,7 @@ class PeftAdapter:
     weights: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]  # (module, layer) -> (A, B)
 
 
-def make_adapter(dest: pathlib.Path, *, r: int, targets: list[str], rslora: bool = False,
+def make_adapter(dest: pathlib.Path, *, r: int, targets: list[str] | str, rslora: bool = False,
                  layers: list[int] | None = None, seed: int = 0, safe: bool = True, **lora_kwargs) -> PeftAdapter:
     """A LoRA adapter saved by peft's save_pretrained on a random tiny Llama."""
     torch.manual_seed(seed)
@@ -94,8 +94,9 @@ def test_spec_matches_transformers_llama(base: BaseModelSpec) -> None:
         dict(r=4, targets=["q_proj", "v_proj"]),
         dict(r=8, targets=ALL_MODULES, rslora=True),
         dict(r=2, targets=["down_proj", "k_proj"], layers=[1]),
+        dict(r=3, targets=r".*\.(o_proj|up_proj)"),
     ],
-    ids=["r4-qv", "r8-all-rslora", "r2-layer1"],
+    ids=["r4-qv", "r8-all-rslora", "r2-layer1", "r3-regex"],
 )
 def test_load_matches_peft(tmp_path: pathlib.Path, base: BaseModelSpec, kwargs: dict) -> None:
     made = make_adapter(tmp_path / "a", **kwargs)
@@ -103,7 +104,8 @@ def test_load_matches_peft(tmp_path: pathlib.Path, base: BaseModelSpec, kwargs: 
     assert isinstance(w, storage.LoRAWeights)
     assert (w.uri, w.name, w.rank) == (str(made.path), "a", made.rank)
     assert w.scaling == pytest.approx(made.scaling) and w.alpha == 2 * made.rank + 1
-    assert w.modules == tuple(m for m in ALL_MODULES if m in kwargs["targets"])
+    assert w.modules == tuple(m for m in ALL_MODULES if any(module == m for module, _ in made.weights))
+    assert set(w.modules) == {m for m in ALL_MODULES if m in kwargs["targets"]}
     for module in w.modules:
         in_f, out_f = base.module_shapes[module]
         assert w.lora_a[module].shape == (3, made.rank, in_f)
