@@ -1,5 +1,13 @@
 """Adapter storage: PEFT LoRA adapters from S3-compatible stores and local folders, validated
-against the base model and cached on disk. Imports nothing of the other lorafleet packages."""
+against the base model and cached on disk. Imports nothing of the other lorafleet packages.
+
+    base = BaseModelSpec.from_pretrained("/models/Llama-3-8B")
+    store = AdapterStore(base, cache_dir="/var/cache/lorafleet", s3=S3Options(endpoint_url=...))
+    weights = store.load("s3://bucket/tenant/adapter")   # or a folder / file:// URI
+    weights.lora_a["q_proj"]                             # [num_layers, rank, in_features]
+
+Every refusal is an AdapterError subclass naming the adapter, file, key and what was expected.
+Command line: `lorafleet adapters validate|push|ls` (storage/cli.py)."""
 
 from storage.errors import (
     AccessDenied,

@@ -91,7 +91,8 @@ def parse_config(adapter: str, raw: bytes) -> AdapterConfig:
         raise invalid("bad lora_alpha", key="lora_alpha", expected="a finite number", got=repr(alpha))
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        targets = tuple(str(t) for t in targets)
+        # peft matches entries as name suffixes ("self_attn.q_proj" targets q_proj)
+        targets = tuple(str(t).rsplit(".", 1)[-1] for t in targets)
         for t in targets:
             if t in _EMBEDDING_MODULES:
                 raise UnsupportedAdapter(adapter, f"unsupported feature: LoRA on {t}", file=CONFIG_FILE,
@@ -189,7 +190,7 @@ def _read_tensors(
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 m = _KEY.match(key)
                 if m is None:
-                    raise _unexpected_key(uri, key, base)
+                    raise _unexpected_key(uri, key)
                 layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
                 if module not in base.module_shapes:
                     raise invalid(f"module the base model does not have: {module!r}", key=key,
@@ -267,7 +268,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(np.isfinite(t.numpy()).all())
 
 
-def _unexpected_key(uri: str, key: str, base: BaseModelSpec) -> AdapterValidationError:
+def _unexpected_key(uri: str, key: str) -> AdapterValidationError:
     if any(name in key for name in _EMBEDDING_MODULES) or "lora_embedding" in key:
         return UnsupportedAdapter(uri, "unsupported feature: embedding / lm_head LoRA", file=WEIGHTS_FILE, key=key)
     if "lora_magnitude_vector" in key:
