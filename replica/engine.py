@@ -265,8 +265,8 @@ class Engine:
         self.core = EngineCore(config, store=store, metrics=metrics)
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
-        self._aborts: list[str] = []
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._aborts: list[Sequence] = []
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Sequence]] = {}
         self._stats = self.core.stats()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="engine-step-loop", daemon=True)
@@ -302,7 +302,7 @@ class Engine:
                 raise InvalidRequest("request_id", f"{rid!r} is already running")
             if self._stats["num_waiting"] + len(self._inbox) >= self.core.config.max_waiting:
                 raise QueueFull(f"{self._stats['num_waiting']} requests waiting (max_waiting)")
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
+            self._streams[rid] = (asyncio.get_running_loop(), queue, seq)
             self._inbox.append(seq)
         self.core.wakeup.set()
         finished = False
@@ -319,12 +319,16 @@ class Engine:
         finally:
             with self._lock:
                 self._streams.pop(rid, None)
-            if not finished:  # the consumer went away: free everything it held
-                self.abort(rid)
+                if not finished:  # the consumer went away: free everything it held
+                    self._aborts.append(seq)
+            self.core.wakeup.set()
 
     def abort(self, request_id: str) -> None:
+        """Stop a request; its stream ends with finish_reason "abort". Unknown ids are ignored."""
         with self._lock:
-            self._aborts.append(request_id)
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                self._aborts.append(stream[2])
         self.core.wakeup.set()
 
     def stats(self) -> dict:
@@ -345,7 +349,7 @@ class Engine:
             stream = self._streams.get(request_id)
         if stream is None:
             return
-        loop, queue = stream
+        loop, queue, _ = stream
         with contextlib.suppress(RuntimeError):  # the consumer's event loop is closed
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
@@ -356,21 +360,29 @@ class Engine:
             with self._lock:
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+            aborted = []
+            for seq in aborts:  # before adding, so a reused request id meets its old request gone
+                if seq in inbox:
+                    inbox.remove(seq)
+                    seq.finish_reason = "abort"
+                    aborted.append((seq.request_id, seq.take_output()))
+                elif core.requests.get(seq.request_id) is seq:
+                    aborted.append((seq.request_id, core.abort(seq.request_id)))
             for seq in inbox:
                 core.add(seq)
-            for rid in aborts:
-                out = core.abort(rid)
-                if out is not None:
-                    self._deliver(rid, out)
             try:
                 results = core.step() if core.has_work else []
             except Exception as exc:  # a bug must not leave streams hanging
                 results = [(seq, exc) for seq in list(core.requests.values())]
                 for seq, _ in results:
-                    core.abort(seq.request_id)
+                    with contextlib.suppress(Exception):
+                        core.abort(seq.request_id)
+            self._stats = core.stats()  # before delivering, so a finished stream sees its blocks freed
+            for rid, out in aborted:
+                if out is not None:
+                    self._deliver(rid, out)
             for seq, item in results:
                 self._deliver(seq.request_id, item)
-            self._stats = core.stats()
             if not results and not core.last_num_scheduled:
                 # Idle, or every waiting request waits on an adapter load: sleep until woken.
                 core.wakeup.wait(timeout=0.5 if core.has_work else None)

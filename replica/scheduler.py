@@ -91,8 +91,7 @@ class Scheduler:
                 if slot_blocked:
                     continue
                 state = self.pool.ensure(seq.adapter)
-                if state == "failed":
-                    self.waiting.remove(seq)
+                if state == "failed":  # the caller fails it and takes it out through finish()
                     seq.error = self.pool.error(seq.adapter)
                     out.failed.append(seq)
                     continue

@@ -3,6 +3,8 @@ safetensors, a byte-level BPE tokenizer) and PEFT LoRA adapters saved by peft it
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +100,39 @@ def make_peft_adapter(
                 p.mul_(0.5)
     peft_model.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# name -> (rank, alpha, target modules, rsLoRA): different ranks and target-module sets
+TINY_ADAPTERS: dict[str, tuple[int, float, list[str], bool]] = {
+    "attn8": (8, 16, ["q_proj", "v_proj"], False),
+    "all4": (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
+    "mlp16": (16, 8, ["o_proj", "gate_proj", "up_proj", "down_proj"], False),
+}
+
+
+def tiny_model_and_adapters(root: Path) -> tuple[Path, dict[str, Path]]:
+    """The seeded tiny Llama and the TINY_ADAPTERS under root, built once (reused if complete)."""
+    root = Path(root)
+    model_dir = root / "tiny-llama"
+    adapters = {name: root / name for name in TINY_ADAPTERS}
+    done = root / ".complete"
+    if not done.exists():
+        make_tiny_llama(model_dir, seed=0)
+        for i, (name, (r, a, targets, rs)) in enumerate(TINY_ADAPTERS.items()):
+            make_peft_adapter(
+                model_dir, adapters[name], rank=r, alpha=a, target_modules=targets, seed=i + 1, use_rslora=rs
+            )
+        done.touch()
+    return model_dir, adapters
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """On a shared 2-core machine OpenMP threads spinning against each other make small ops
+    ~50x slower; one thread is fastest for tiny test shapes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -11,37 +11,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from replica import EngineConfig, EngineCore, LoRARequest, SamplingParams
-from replica.testing import make_peft_adapter, make_tiny_llama
+from replica.testing import make_tiny_llama, one_torch_thread, tiny_model_and_adapters
 
-ADAPTERS = {  # name -> (rank, alpha, target modules, rsLoRA)
-    "attn8": (8, 16, ["q_proj", "v_proj"], False),
-    "all4": (4, 8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], True),
-    "mlp16": (16, 8, ["o_proj", "gate_proj", "up_proj", "down_proj"], False),
-}
 GREEDY_32 = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # On a shared 2-core machine, OpenMP threads spinning against each other make tiny ops
-    # ~50x slower; one thread is fastest for these shapes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = make_tiny_llama(root / "tiny-llama", seed=0)
-    adapters = {
-        name: make_peft_adapter(
-            model_dir, root / name, rank=r, alpha=a, target_modules=t, seed=i + 1, use_rslora=rs
-        )
-        for i, (name, (r, a, t, rs)) in enumerate(ADAPTERS.items())
-    }
-    return model_dir, adapters
+    return tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
 
 
 def make_core(model_dir: Path, tmp_path: Path, **overrides) -> EngineCore:
