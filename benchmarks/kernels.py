@@ -78,7 +78,7 @@ def check(p: Problem, backend: str) -> float:
     return (got.float() - want.float()).norm().item() / max(delta, 1e-30)
 
 
-def time_backend(p: Problem, backend: str, timer: Callable, eager: Callable) -> dict[str, float]:
+def time_backend(p: Problem, backend: str, timer: Callable, eager: Callable) -> dict:
     y = p.y0.clone()
     if backend in BASELINES:
         return {"total_us": eager(lambda: p.run(y, backend))}
@@ -88,6 +88,11 @@ def time_backend(p: Problem, backend: str, timer: Callable, eager: Callable) -> 
         buf = m.shrink(p.x, *args, None, p.meta, offsets(p.outs))
         out["shrink_us"] = timer(lambda: m.shrink(p.x, *args, None, p.meta, offsets(p.outs)))
         out["expand_us"] = timer(lambda: m.expand(y, buf, *args, p.scalings, None, p.meta, offsets(p.outs)))
+    if backend == "triton_sgmv":  # both schedules, to place the fusion rule on measurements
+        for schedule in ("fused", "split"):
+            out[f"{schedule}_us"] = timer(lambda s=schedule: triton_sgmv.add_lora_sgmv(
+                y, p.x, p.lora_a, p.lora_b, p.slot_ids, p.scalings, None, p.meta, offsets(p.outs), s))
+        out["schedule"] = "fused" if triton_sgmv.Plan(p.x, p.lora_a, p.lora_b, p.meta).fused else "split"
     return out
 
 

@@ -65,7 +65,9 @@ class LoRAMeta:
         first_block = ends[slot_c] - blocks_per_slot[slot_c]
         first = self.seg_starts[slot_c] + (b - first_block) * block_m
         end = torch.minimum(first + block_m, self.seg_starts[slot_c] + self.counts[slot_c])
-        table = torch.stack([torch.where(valid, slot, -1), first, end], dim=1)
+        # Unused entries get an empty row range, so kernels may read rows before looking at the slot.
+        table = torch.stack([torch.where(valid, slot, -1), torch.where(valid, first, 0), torch.where(valid, end, 0)],
+                            dim=1)
         return table.to(torch.int32).contiguous()
 
 

@@ -1,6 +1,11 @@
 """SGMV in Triton: rows grouped in segments that share a slot (LoRAMeta), one tile of a segment per
-program, tensor-core dots. Shrink writes fp32 partial sums per split of `in`; expand sums them,
-multiplies by B and the slot's scaling and adds into y. All slices go in one launch per step."""
+program, tensor-core dots; every slice of a merged projection in the same launch.
+
+Two schedules. Split: shrink writes fp32 partial sums per split of `in`, a second launch sums them,
+multiplies by B and the slot's scaling and adds into y. Fused: one launch; each program computes its
+rows' shrink over all of `in` and expands it into its share of the columns, so the shrink is repeated
+once per column share (from L2). A launch costs ~5 us on an H100 even with nothing to move, which
+is more than the repeated shrink costs at decode sizes; fused is used where its extra reads are small."""
 
 from __future__ import annotations
 
@@ -13,30 +18,34 @@ import triton.language as tl
 from kernels import launch
 from kernels.meta import LoRAMeta
 
+# Fuse while the repeated shrink reads fewer bytes than this (from L2: about one launch's cost).
+FUSE_MAX_EXTRA_BYTES = 16 * 2**20
+
 
 @triton.jit
-def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr, buf_ptr,
-                        T, K, R, k_per_split, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_b, pid_k, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _segment_rows(blocks_ptr, sorted_rows_ptr, pid_b, BLOCK_M: tl.constexpr):
+    """The slot and the rows (original indices) of block pid_b; slot < 0 for unused blocks."""
     slot = tl.load(blocks_ptr + pid_b * 3)
-    if slot < 0:
-        return
     first = tl.load(blocks_ptr + pid_b * 3 + 1)
     end = tl.load(blocks_ptr + pid_b * 3 + 2)
     offs_m = first + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
     rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
-    row = table_ptr + j * 10
-    a_ptr = tl.load(row + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
-    a_ptr += slot.to(tl.int64) * tl.load(row + 1)
-    sa1, sa2 = tl.load(row + 2), tl.load(row + 3)
+    return slot, rows, m_mask
+
+
+@triton.jit
+def _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_hi, K,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_R]: x[rows, k_lo:k_hi] @ A[slot, :rank, k_lo:k_hi].T"""
+    a_ptr = tl.load(slice_row + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
+    a_ptr += slot.to(tl.int64) * tl.load(slice_row + 1)
+    sa1, sa2 = tl.load(slice_row + 2), tl.load(slice_row + 3)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+    for k in range(k_lo, k_hi, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         xt = tl.load(x_ptr + rows[:, None] * sx0 + offs_k[None, :] * sx1,
@@ -44,92 +53,175 @@ def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr,
         at = tl.load(a_ptr + offs_r[None, :] * sa1 + offs_k[:, None] * sa2,
                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)
         acc += tl.dot(xt, at, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, n_lo, n_hi,
+                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y[rows, offset + n_lo:n_hi] += t @ B[slot, n_lo:n_hi, :rank].T, t already scaled."""
+    b_ptr = tl.load(slice_row + 4).to(tl.pointer_type(y_ptr.dtype.element_ty))
+    b_ptr += slot.to(tl.int64) * tl.load(slice_row + 5)
+    sb1, sb2 = tl.load(slice_row + 6), tl.load(slice_row + 7)
+    col0 = tl.load(slice_row + 9)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    t = t.to(y_ptr.dtype.element_ty)
+    for n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_hi
+        bt = tl.load(b_ptr + offs_n[None, :] * sb1 + offs_r[:, None] * sb2,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(t, bt, input_precision=DOT_PRECISION)
+        y_tile = y_ptr + rows[:, None] * sy0 + (col0 + offs_n)[None, :] * sy1
+        mask = m_mask[:, None] & n_mask[None, :]
+        y_old = tl.load(y_tile, mask=mask, other=0.0)
+        tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
+
+
+@triton.jit
+def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr, buf_ptr,
+                        T, K, R, k_per_split, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_b, pid_k, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slot, rows, m_mask = _segment_rows(blocks_ptr, sorted_rows_ptr, pid_b, BLOCK_M)
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
+    k_lo = pid_k * k_per_split
+    acc = _shrink_tile(x_ptr, sx0, sx1, table_ptr + j * 10, slot, rows, m_mask, rank, k_lo,
+                       tl.minimum(k_lo + k_per_split, K), K, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
     out = buf_ptr + ((pid_k * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
     tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < R))
 
 
 @triton.jit
 def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr,
-                        scalings_ptr, T, R, splits, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                        scalings_ptr, T, R, splits, n_per_program, HAS_RANKS: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
     pid_b, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    slot = tl.load(blocks_ptr + pid_b * 3)
-    row = table_ptr + j * 10
-    n_out = tl.load(row + 8)
-    if (slot < 0) | (pid_n * BLOCK_N >= n_out):
+    slice_row = table_ptr + j * 10
+    n_lo = pid_n * n_per_program
+    n_hi = tl.minimum(n_lo + n_per_program, tl.load(slice_row + 8))
+    slot, rows, m_mask = _segment_rows(blocks_ptr, sorted_rows_ptr, pid_b, BLOCK_M)
+    if (slot < 0) | (n_lo >= n_hi):
         return
-    first = tl.load(blocks_ptr + pid_b * 3 + 1)
-    end = tl.load(blocks_ptr + pid_b * 3 + 2)
-    offs_m = first + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
     t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for s in range(splits):
         part = buf_ptr + ((s * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
-        t += tl.load(part, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-    b_ptr = tl.load(row + 4).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    b_ptr += slot.to(tl.int64) * tl.load(row + 5)
-    sb1, sb2 = tl.load(row + 6), tl.load(row + 7)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < n_out
-    bt = tl.load(b_ptr + offs_n[None, :] * sb1 + offs_r[:, None] * sb2,
-                 mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.dot(t.to(bt.dtype), bt, input_precision=DOT_PRECISION) * tl.load(scalings_ptr + slot)
-    cols = tl.load(row + 9) + offs_n
-    y_tile = y_ptr + rows[:, None] * sy0 + cols[None, :] * sy1
-    mask = m_mask[:, None] & n_mask[None, :]
-    y_old = tl.load(y_tile, mask=mask, other=0.0)
-    tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
+        t += tl.load(part, mask=m_mask[:, None] & (offs_r[None, :] < rank), other=0.0)
+    t *= tl.load(scalings_ptr + slot)
+    _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, n_lo, n_hi, DOT_PRECISION,
+                 BLOCK_N, BLOCK_R)
 
 
-def sgmv_block_m(num_rows: int) -> int:
-    return 16 if num_rows <= 256 else 64
+@triton.jit
+def _sgmv_fused_kernel(y_ptr, sy0, sy1, x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr,
+                       scalings_ptr, K, R, n_per_program, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    pid_b, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    slice_row = table_ptr + j * 10
+    n_lo = pid_n * n_per_program
+    n_hi = tl.minimum(n_lo + n_per_program, tl.load(slice_row + 8))
+    slot, rows, m_mask = _segment_rows(blocks_ptr, sorted_rows_ptr, pid_b, BLOCK_M)
+    if (slot < 0) | (n_lo >= n_hi):
+        return
+    rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
+    t = _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, 0, K, K, DOT_PRECISION,
+                     BLOCK_M, BLOCK_R, BLOCK_K)
+    t *= tl.load(scalings_ptr + slot)
+    _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, n_lo, n_hi, DOT_PRECISION,
+                 BLOCK_N, BLOCK_R)
+
+
+class Plan:
+    """Tile sizes and the schedule ("fused" or "split"; None: by the rule below) for one call shape,
+    from T and the slot count only (no device sync)."""
+
+    def __init__(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                 meta: LoRAMeta, schedule: str | None = None) -> None:
+        t, self.k = x.shape
+        num_slices, self.max_rank = len(lora_a), lora_a[0].shape[1]
+        self.max_out = max(b.shape[1] for b in lora_b)
+        self.num_slices = num_slices
+        # Rows per program: about the rows per slot, so one-row segments (decode) waste no tile.
+        per_slot = -(-t // max(1, min(t, meta.num_slots)))
+        self.block_m = min(64, max(16, triton.next_power_of_2(per_slot)))
+        self.block_r = max(16, triton.next_power_of_2(self.max_rank))  # tl.dot needs dimensions >= 16
+        self.block_k = 128 if self.block_r <= 32 else 64
+        self.block_n = 128 if self.block_r <= 32 else 64
+        self.blocks = meta.blocks(self.block_m)
+        programs = self.blocks.shape[0] * num_slices
+        # Fused: the columns are shared among n_split programs per block, each repeating the shrink;
+        # as many as the extra reads allow (at least 2, else the split schedule is used).
+        active = min(t, meta.num_slots)
+        extra_per_split = num_slices * (t + active * self.max_rank) * self.k * x.element_size()
+        n_tiles = triton.cdiv(self.max_out, self.block_n)
+        self.n_split = 1
+        while self.n_split * 2 <= min(n_tiles, 16) and self.n_split * extra_per_split <= FUSE_MAX_EXTRA_BYTES:
+            self.n_split *= 2
+        self.fused = self.n_split >= 2 if schedule is None else schedule == "fused"
+        self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, programs, x.device)
+
+    def n_per_program(self, n_split: int) -> int:
+        return triton.cdiv(triton.cdiv(self.max_out, n_split), self.block_n) * self.block_n
 
 
 def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-           slot_ids: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int]) -> torch.Tensor:
+           slot_ids: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int],
+           plan: Plan | None = None) -> torch.Tensor:
     """fp32 partial sums [splits, num_slices, T, max_rank] of x @ A[slot].T per row."""
-    t, k = x.shape
-    num_slices, max_rank = len(lora_a), lora_a[0].shape[1]
+    plan = plan or Plan(x, lora_a, lora_b, meta)
     table = launch.slice_table(lora_a, lora_b, offsets)
-    block_m, block_k = sgmv_block_m(t), 64 if k >= 64 else 32
-    blocks = meta.blocks(block_m)
-    splits, per_split = launch.split_k(k, block_k, blocks.shape[0] * num_slices, x.device)
-    buf = torch.empty(splits, num_slices, t, max_rank, dtype=torch.float32, device=x.device)
-    _sgmv_shrink_kernel[(blocks.shape[0], splits, num_slices)](
-        x, x.stride(0), x.stride(1), table, blocks, meta.sorted_rows, ranks if ranks is not None else table,
-        buf, t, k, max_rank, per_split, HAS_RANKS=ranks is not None, DOT_PRECISION=_precision(x),
-        BLOCK_M=block_m, BLOCK_R=_block_r(max_rank), BLOCK_K=block_k)
+    t, num_slices = x.shape[0], len(lora_a)
+    buf = torch.empty(plan.splits, num_slices, t, plan.max_rank, dtype=torch.float32, device=x.device)
+    _sgmv_shrink_kernel[(plan.blocks.shape[0], plan.splits, num_slices)](
+        x, x.stride(0), x.stride(1), table, plan.blocks, meta.sorted_rows, ranks if ranks is not None else table,
+        buf, t, plan.k, plan.max_rank, plan.k_per_split, HAS_RANKS=ranks is not None,
+        DOT_PRECISION=_precision(x), BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k)
     return buf
 
 
 def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
            slot_ids: torch.Tensor, scalings: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta,
-           offsets: Sequence[int]) -> None:
-    splits, num_slices, t, max_rank = buf.shape
+           offsets: Sequence[int], plan: Plan | None = None) -> None:
+    plan = plan or Plan(y, lora_a, lora_b, meta)
     table = launch.slice_table(lora_a, lora_b, offsets)
-    block_m, block_n = sgmv_block_m(t), 128
-    blocks = meta.blocks(block_m)
-    grid = (blocks.shape[0], triton.cdiv(max(b.shape[1] for b in lora_b), block_n), num_slices)
-    _sgmv_expand_kernel[grid](
-        y, y.stride(0), y.stride(1), buf, table, blocks, meta.sorted_rows,
-        ranks if ranks is not None else table, scalings, t, max_rank, splits,
-        HAS_RANKS=ranks is not None, DOT_PRECISION=_precision(y),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_block_r(max_rank))
+    splits, num_slices, t, max_rank = buf.shape
+    n_tiles = triton.cdiv(plan.max_out, plan.block_n)
+    _sgmv_expand_kernel[(plan.blocks.shape[0], n_tiles, num_slices)](
+        y, y.stride(0), y.stride(1), buf, table, plan.blocks, meta.sorted_rows,
+        ranks if ranks is not None else table, scalings, t, max_rank, splits, plan.block_n,
+        HAS_RANKS=ranks is not None, DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m,
+        BLOCK_N=plan.block_n, BLOCK_R=plan.block_r)
+
+
+def fused(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+          scalings: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int],
+          plan: Plan) -> None:
+    table = launch.slice_table(lora_a, lora_b, offsets)
+    _sgmv_fused_kernel[(plan.blocks.shape[0], plan.n_split, len(lora_a))](
+        y, y.stride(0), y.stride(1), x, x.stride(0), x.stride(1), table, plan.blocks, meta.sorted_rows,
+        ranks if ranks is not None else table, scalings, plan.k, plan.max_rank, plan.n_per_program(plan.n_split),
+        HAS_RANKS=ranks is not None, DOT_PRECISION=_precision(x), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        BLOCK_R=plan.block_r, BLOCK_K=plan.block_k)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
                   lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor,
-                  ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int]) -> None:
-    buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
-    expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
-
-
-def _block_r(max_rank: int) -> int:
-    return max(16, triton.next_power_of_2(max_rank))  # tl.dot needs every dimension >= 16
+                  ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int],
+                  schedule: str | None = None) -> None:
+    plan = Plan(x, lora_a, lora_b, meta, schedule)
+    if plan.fused:
+        fused(y, x, lora_a, lora_b, scalings, ranks, meta, offsets, plan)
+    else:
+        buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets, plan)
+        expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, plan)
 
 
 def _precision(t: torch.Tensor) -> str:

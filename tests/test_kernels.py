@@ -107,6 +107,7 @@ def test_meta_groups_rows_by_slot() -> None:
     used = [tuple(b) for b in blocks.tolist() if b[0] >= 0]
     assert used == [(0, 2, 4), (2, 4, 6), (2, 6, 7)]
     assert blocks.shape[0] >= len(used)
+    assert all(b == [-1, 0, 0] for b in blocks.tolist() if b[0] < 0)
 
 
 def test_meta_is_reused_across_layers() -> None:
@@ -139,6 +140,26 @@ def test_backend_matches_reference(backend: str, case: str, dtype: torch.dtype) 
     t, d_in, outs, slots, rank, slot_ids, ranks = CASES[case]
     c = make_case(t, d_in, outs, slots, rank, dtype, slot_ids, ranks, seed=len(case) * t, device=DEVICE)
     assert_matches_reference(c, backend)
+
+
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sgmv_schedules_match_reference(case: str, schedule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both SGMV schedules, with the columns and the reduction over `in` cut among several programs."""
+    from kernels import launch, triton_sgmv
+
+    monkeypatch.setattr(launch, "num_programs_target", lambda device: 256)
+    monkeypatch.setattr(triton_sgmv, "FUSE_MAX_EXTRA_BYTES", 2**40)
+    t, d_in, outs, slots, rank, slot_ids, ranks = CASES[case]
+    c = make_case(t, d_in, outs, slots, rank, torch.float32, slot_ids, ranks, seed=t, device=DEVICE)
+    meta = LoRAMeta.build(c["slot_ids"], slots)
+    offsets = [sum(outs[:i]) for i in range(len(outs))]
+    y = c["y"].clone()
+    plan = triton_sgmv.Plan(c["x"], c["lora_a"], c["lora_b"], meta, schedule)
+    assert plan.fused == (schedule == "fused") and (plan.n_split > 1 or plan.max_out <= plan.block_n)
+    triton_sgmv.add_lora_sgmv(y, c["x"], c["lora_a"], c["lora_b"], c["slot_ids"], c["scalings"], c["ranks"],
+                              meta, offsets, schedule)
+    torch.testing.assert_close(y, run(c, "torch"), rtol=2e-4, atol=2e-4)
 
 
 @pytest.mark.parametrize("backend", (*CPU_BACKENDS, "torch", "auto"))
