@@ -1,0 +1,153 @@
+"""Sampler and stop conditions: validation, seeded reproducibility, top-k/top-p, stop
+strings across token boundaries, stop token ids, max_tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from replica import EngineConfig, EngineCore, InvalidRequest, SamplingParams
+from replica.detokenizer import IncrementalDetokenizer
+from replica.sampling import Sampler
+from replica.testing import one_torch_thread, tiny_model_and_adapters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory: pytest.TempPathFactory) -> EngineCore:
+    model_dir, _ = tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
+    cache = tmp_path_factory.mktemp("cache")
+    return EngineCore(EngineConfig(model=str(model_dir), adapter_cache_dir=str(cache), num_kv_blocks=128))
+
+
+def generate(
+    core: EngineCore, requests: list[tuple[list[int] | str, SamplingParams]]
+) -> list[tuple[list[int], str, str]]:
+    """Run requests together; (token ids, text, finish reason) of each."""
+    seqs = [core.make_sequence(p, params) for p, params in requests]
+    for s in seqs:
+        core.add(s)
+    results = {s.request_id: ([], "", None) for s in seqs}
+    while core.has_work:
+        for seq, out in core.step():
+            ids, text, _ = results[seq.request_id]
+            results[seq.request_id] = (ids + out.token_ids, text + out.text, out.finish_reason)
+    return [results[s.request_id] for s in seqs]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -0.5),
+        ("temperature", float("nan")),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("max_tokens", 0),
+        ("max_tokens", 2.5),
+        ("seed", "7"),
+        ("stop", [""]),
+        ("stop_token_ids", [-3]),
+    ],
+)
+def test_bad_parameters_are_rejected_naming_the_field(field, value):
+    with pytest.raises(InvalidRequest) as err:
+        SamplingParams(**{field: value}).validate()
+    assert err.value.param == field and isinstance(err.value, ValueError)
+    assert field in str(err.value)
+
+
+def test_prompt_and_length_limits(core):
+    limit = core.max_model_len
+    with pytest.raises(InvalidRequest) as err:
+        core.make_sequence([1] * limit, SamplingParams(max_tokens=1))
+    assert err.value.param == "prompt"
+    with pytest.raises(InvalidRequest) as err:
+        core.make_sequence([1] * (limit - 4), SamplingParams(max_tokens=5))
+    assert err.value.param == "max_tokens"
+    core.make_sequence([1] * (limit - 4), SamplingParams(max_tokens=4))  # exactly at the limit is fine
+
+
+def test_top_k_and_top_p_keep_only_their_tokens():
+    sampler = Sampler()
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(400, 1)
+    for params, allowed in [
+        (SamplingParams(top_k=2), {0, 1}),
+        (SamplingParams(top_p=0.6), {0, 1}),  # softmax: 0.53, 0.20, 0.12, ... -> 0.53 < 0.6 needs a second
+        (SamplingParams(top_p=0.5), {0}),
+        (SamplingParams(temperature=0), {0}),
+    ]:
+        gens = [sampler.new_generator(i) for i in range(400)]
+        tokens = sampler(logits, [params] * 400, gens)
+        assert set(tokens) == allowed, params
+    # plain temperature sampling reaches every token
+    gens = [sampler.new_generator(i) for i in range(400)]
+    assert set(sampler(logits, [SamplingParams(temperature=2.0)] * 400, gens)) == set(range(5))
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(core):
+    prompt = [7, 8, 9, 10]
+    seeded = SamplingParams(max_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = generate(core, [(prompt, seeded)])[0][0]
+    noise = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    batch = generate(core, [([1, 2, 3], noise), (prompt, seeded), ([4, 5], noise)])
+    assert batch[1][0] == alone
+    other_seed = SamplingParams(
+        max_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=99, ignore_eos=True
+    )
+    assert generate(core, [(prompt, other_seed)])[0][0] != alone
+    greedy = generate(core, [(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))])[0][0]
+    assert generate(core, [(prompt, SamplingParams(max_tokens=12, top_k=1, ignore_eos=True))])[0][0] == greedy
+
+
+def test_stop_strings_across_token_boundaries_and_stop_ids(core):
+    prompt = "Paris is the"
+    plain_ids, plain_text, reason = generate(
+        core, [(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))]
+    )[0]
+    assert reason == "length" and len(plain_ids) == 24
+    # a stop string that starts inside one token and ends inside a later one
+    pieces = [core.tokenizer.decode(plain_ids[: i + 1]) for i in range(len(plain_ids))]
+    cut = next(i for i in range(3, len(pieces)) if len(pieces[i]) - len(pieces[i - 2]) >= 3)
+    start = len(pieces[cut - 2]) - 1
+    stop = plain_text[start : len(pieces[cut - 1]) + 1]
+    assert len(stop) >= 3 and plain_text.find(stop) == start
+    ids, text, reason = generate(
+        core, [(prompt, SamplingParams(max_tokens=24, temperature=0, stop=(stop, "never")))]
+    )[0]
+    assert reason == "stop" and text == plain_text[:start] and ids == plain_ids[: cut + 1]
+
+    ids, _, reason = generate(
+        core, [(prompt, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=(plain_ids[4],)))]
+    )[0]
+    assert reason == "stop" and ids == plain_ids[: plain_ids.index(plain_ids[4]) + 1]
+
+    ids, _, reason = generate(core, [(prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))])[
+        0
+    ]
+    assert reason == "length" and ids == plain_ids[:3]
+
+
+class _CharTokenizer:
+    """One character per token id, for exact control over token boundaries."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_streamed_text_never_shows_part_of_a_stop_string():
+    detok = IncrementalDetokenizer(_CharTokenizer(), [ord(c) for c in "prompt"], ("STOP",))
+    streamed, out = "", []
+    for ch in "abc STO and STOP xyz":
+        out.append(ord(ch))
+        hit = detok.update(out)
+        streamed += detok.take_text(finished=hit)
+        assert "STO" not in streamed or "STO " in streamed
+        if hit:
+            break
+    assert hit and streamed == "abc STO and "
