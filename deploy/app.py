@@ -78,7 +78,8 @@ def build(config: FleetConfig) -> Application:
     if config.router.policy == "affinity":
         router_config = RequestRouterConfig(
             request_router_class=AdapterAffinityRouter,
-            request_router_kwargs={"epsilon": config.router.epsilon, "slack": config.router.slack},
+            request_router_kwargs={"epsilon": config.router.epsilon, "slack": config.router.slack,
+                                   "affinity_wait_s": config.router.affinity_wait_s},
             request_routing_stats_period_s=config.router.routing_stats_period_s,
         )
     else:

@@ -103,7 +103,8 @@ class RouterOptions(_Section):
         default="affinity", description="affinity: router/placement.py; default: Ray Serve's own router"
     )
     epsilon: float = Field(default=0.5, ge=0.0)
-    slack: float = Field(default=2.0, ge=0.0)
+    slack: float = Field(default=4.0, ge=0.0)
+    affinity_wait_s: float = Field(default=1.0, ge=0.0)
     routing_stats_period_s: float = Field(default=1.0, gt=0.0)
     num_cpus: float = Field(default=0.5, ge=0.0)
     default_max_tokens: int = Field(default=16, gt=0)

@@ -63,26 +63,42 @@ class Fleet:
     config: dict[str, Any]
 
 
-def start_fleet(root: Path, config: dict[str, Any], tenants: list[str]) -> Fleet:
-    """ray.init + serve.run of deploy.app on free ports; the caller shuts both down."""
+def start_ray(root: Path) -> int:
+    """ray.init + serve.start with HTTP on 127.0.0.1 (a free port, returned)."""
     import ray
+    from ray import serve
+
+    http_port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=isolate_ray(root), log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    return http_port
+
+
+def deploy(root: Path, http_port: int, config: dict[str, Any], tenants: list[str],
+           name: str = "lorafleet") -> Fleet:
+    """serve.run deploy.app with API keys for `tenants` and the node metrics on a free port."""
     from ray import serve
 
     from deploy.app import build
     from deploy.config import load_config
 
-    keys_file = root / "keys.json"
+    keys_file = root / f"{name}-keys.json"
     keys = {t: add_key(keys_file, t) for t in tenants}
-    config = {**config, "auth": {"required": True, "keys_file": str(keys_file)}}
-    http_port, metrics_port = free_port(), free_port()
-    config["metrics"] = {"port": metrics_port, "host": "127.0.0.1"}
-    config["router"] = {"api_url": f"http://127.0.0.1:{http_port}", **config.get("router", {})}
-    ray_tmp = isolate_ray(root)
-    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    serve.run(build(load_config(config)), name="lorafleet", route_prefix="/")
+    metrics_port = free_port()
+    config = {
+        **config,
+        "auth": {"required": True, "keys_file": str(keys_file)},
+        "metrics": {"port": metrics_port, "host": "127.0.0.1"},
+        "router": {"api_url": f"http://127.0.0.1:{http_port}", **config.get("router", {})},
+    }
+    serve.run(build(load_config(config)), name=name, route_prefix="/")
     return Fleet(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{metrics_port}/metrics",
                  Path(config["model"]["path"]), dict(config["adapters"]["static"]), keys, config)
+
+
+def start_fleet(root: Path, config: dict[str, Any], tenants: list[str]) -> Fleet:
+    """A fleet on a fresh Ray instance; stop_fleet() shuts both down."""
+    return deploy(root, start_ray(root), config, tenants)
 
 
 def stop_fleet() -> None:
@@ -91,3 +107,22 @@ def stop_fleet() -> None:
 
     serve.shutdown()
     ray.shutdown()
+
+
+def scrape(metrics_url: str) -> dict[tuple[str, tuple], float]:
+    """One scrape of a Prometheus endpoint: (sample name, sorted labels) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    """Sum of a scraped sample over the series whose labels include `labels`."""
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, labels[k]) in ls for k in labels))

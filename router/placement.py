@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
+from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from router.metrics import ROUTING_DECISIONS
@@ -46,15 +50,27 @@ def bounded_order(
     return within, over
 
 
+def _own_replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # a handle outside any replica (a driver script)
+        return "driver"
+
+
 class AdapterAffinityRouter(RequestRouter):
     """Rendezvous hashing of the multiplexed model id (the adapter id) with a load bound.
 
-    kwargs (request_router_kwargs): epsilon (default 0.5), slack (default 2.0),
-    metrics_replica (label value for the routing-decision counter).
+    kwargs (request_router_kwargs): epsilon (default 0.5), slack (default 4.0),
+    affinity_wait_s (default 1.0: how long a request waits for its preferred replicas to accept
+    before any replica may take it).
     """
 
     def initialize_state(
-        self, epsilon: float = 0.5, slack: float = 2.0, metrics_replica: str = "router", **_: object
+        self,
+        epsilon: float = 0.5,
+        slack: float = 4.0,
+        affinity_wait_s: float = 1.0,
+        **_: object,
     ) -> None:
         if epsilon < 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
@@ -62,10 +78,21 @@ class AdapterAffinityRouter(RequestRouter):
             raise ValueError(f"slack must be >= 0, got {slack!r}")
         self._epsilon = float(epsilon)
         self._slack = float(slack)
-        self._metrics_replica = metrics_replica
+        self._affinity_wait_s = float(affinity_wait_s)
+        # The `replica` label of the routing counter: the replica this router runs in.
+        self._metrics_replica = _own_replica_id()
         # Requests this router has in flight per replica: fresher than the periodic stats.
         self._inflight: dict[ReplicaID, int] = {}
         self._inflight_by_request: dict[str, ReplicaID] = {}
+        # Requests waiting in this router, with the replica they were first placed on: demand
+        # that the replicas' own queues (capped at max_ongoing_requests) do not show.
+        self._waiting: dict[str, tuple[PendingRequest, str]] = {}
+
+    def _waiting_on(self) -> Counter[str]:
+        for request_id, (pending, _) in list(self._waiting.items()):
+            if pending.future.done():  # routed or cancelled
+                del self._waiting[request_id]
+        return Counter(uid for _, uid in self._waiting.values())
 
     def _load(self, replica: RunningReplica) -> float:
         reported = (replica.routing_stats or {}).get(STAT_QUEUE_LEN, 0)
@@ -88,24 +115,28 @@ class AdapterAffinityRouter(RequestRouter):
             return [pair]
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        loads = {uid: self._load(r) for uid, r in by_id.items()}
+        waiting = self._waiting_on()
+        loads = {uid: self._load(r) + waiting[uid] for uid, r in by_id.items()}
         order = rendezvous_order(adapter, list(by_id))
         within, over = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
-        # Past the first choice, replicas that already hold the adapter go before those that
-        # would have to load it.
-        # The first pass offers only the adapter's replica: a probe of a busy replica can miss
-        # its deadline, and that alone must not move the adapter. Later passes (after a
-        # backoff) offer the rest, replicas that already hold the adapter first.
-        tries = getattr(pending_request, "_lorafleet_tries", 0)
-        pending_request._lorafleet_tries = tries + 1
-        head, rest = within[:1], within[1:]
-        if tries == 0 and head:
-            return [[by_id[head[0]]]]
-        rest.sort(key=lambda uid: adapter not in (by_id[uid].routing_stats or {}).get(STAT_RESIDENT, ()))
-        return [[by_id[uid]] for uid in head + rest + over]
+        # Preferred: within the bound and either the adapter's first replica or one that
+        # already holds it (a hot adapter that spilled before), in hash order; if none, the
+        # next replica in hash order within the bound.
+        holding = {uid for uid, r in by_id.items() if adapter in (r.routing_stats or {}).get(STAT_RESIDENT, ())}
+        preferred = [uid for uid in within if uid == order[0] or uid in holding] or within[:1]
+        request_id = pending_request.metadata.internal_request_id
+        if request_id not in self._waiting and preferred:
+            self._waiting[request_id] = (pending_request, preferred[0])
+        # For a while only the preferred replicas are offered: a busy replica can be slow to
+        # answer Ray's queue-length probe, and that alone must not move the adapter.
+        if time.time() - pending_request.created_at < self._affinity_wait_s and preferred:
+            return [[by_id[uid]] for uid in preferred]
+        rest = [uid for uid in within + over if uid not in preferred]
+        return [[by_id[uid]] for uid in preferred + rest]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
         request_id = pending_request.metadata.internal_request_id
+        self._waiting.pop(request_id, None)
         self._inflight[replica_id] = self._inflight.get(replica_id, 0) + 1
         self._inflight_by_request[request_id] = replica_id
         adapter = pending_request.metadata.multiplexed_model_id

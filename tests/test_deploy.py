@@ -90,3 +90,17 @@ def test_shipped_serve_configs_validate(path):
     if args.get("auth", {}).get("keys_file"):
         args = {**args, "auth": {**args["auth"], "keys_file": None}}
     load_config(args)
+
+
+def test_grafana_dashboard_uses_the_exported_metrics():
+    import re
+
+    from prometheus_client import REGISTRY
+
+    import replica.deployment  # noqa: F401  (defines the replicas' metrics)
+    import router.metrics  # noqa: F401
+
+    exported = {family.name for family in REGISTRY.collect()}
+    dashboard = pathlib.Path("deploy/grafana_dashboard.json").read_text()
+    used = {re.sub(r"_(total|bucket|count|sum)$", "", n) for n in re.findall(r"lorafleet_\w+", dashboard)}
+    assert used and used <= exported, used - exported

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import urllib.request
 from collections import Counter
 
 import openai
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.app import engine_options
 from deploy.config import load_config
-from deploy.testing import make_adapters, make_model, start_fleet, stop_fleet
+from deploy.testing import make_adapters, make_model, start_fleet, stop_fleet, total
+from deploy.testing import scrape as scrape_metrics
 from replica import Engine, EngineConfig, LoRARequest, SamplingParams
 
 ACME = [f"acme-{i}" for i in range(10)]
@@ -76,16 +75,7 @@ def direct_outputs(fleet, requests: list[tuple[str | list[dict], str | None]], m
 
 
 def scrape(fleet) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(fleet.metrics_url, timeout=10).read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def total(samples: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in samples.items() if n == name and all((k, labels[k]) in ls for k in labels))
+    return scrape_metrics(fleet.metrics_url)
 
 
 def test_completions_and_chat_match_the_engine(fleet):
