@@ -23,6 +23,7 @@ class LoRARequest:
 @dataclass
 class EngineConfig:
     model: str  # a local Hugging Face folder
+    load_format: str = "safetensors"  # "dummy": random weights of the config's shape (benchmarks)
     dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 on CPU
     device: str = "auto"
     max_num_seqs: int = 64

@@ -42,17 +42,18 @@ class EngineCore:
     def __init__(
         self, config: EngineConfig, *, store: Any = None, metrics: EngineMetrics | None = None
     ) -> None:
-        import storage
-
         self.config = config
         self.metrics = metrics or EngineMetrics()
         self.device = _resolve_device(config.device)
         self.dtype = _resolve_dtype(config.dtype, self.device)
-        self.model = load_model(config.model, self.dtype, self.device)
+        self.model = load_model(config.model, self.dtype, self.device, load_format=config.load_format)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
-        spec = storage.BaseModelSpec.from_pretrained(config.model)
+        args = self.model.args
         if store is None:
+            import storage  # only here: a caller passing its own store needs none of storage's deps
+
+            spec = storage.BaseModelSpec.from_pretrained(config.model)
             kwargs = (
                 {}
                 if config.adapter_cache_max_bytes is None
@@ -68,8 +69,8 @@ class EngineCore:
         self.wakeup = threading.Event()  # set when something may have become runnable
         self.pool = AdapterPool(
             store,
-            spec.module_shapes,
-            spec.num_layers,
+            args.module_shapes(),
+            args.num_layers,
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
             max_rank=config.max_lora_rank,
@@ -79,7 +80,6 @@ class EngineCore:
             on_loaded=self.wakeup.set,
             workers=config.adapter_load_workers,
         )
-        args = self.model.args
         max_len = min(args.max_model_len, config.max_model_len or args.max_model_len)
         num_blocks = self._num_kv_blocks(max_len)
         self.max_model_len = min(max_len, num_blocks * config.block_size)

@@ -35,11 +35,19 @@ def read_config(model_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> LlamaModel:
+def load_model(
+    model_dir: str | Path, dtype: torch.dtype, device: torch.device, *, load_format: str = "safetensors"
+) -> LlamaModel:
+    """Build the model on device; weights from the folder's safetensors, or random ("dummy")."""
+    if load_format not in ("safetensors", "dummy"):
+        raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
     args = ModelArgs.from_config(read_config(model_dir))
     with torch.device(device):
         model = LlamaModel(args).to(dtype)
     model.inv_freq = model.inv_freq.float()
+    if load_format == "dummy":
+        _init_random(model)
+        return model
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"model folder {model_dir} has no *.safetensors")
@@ -62,6 +70,15 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device) 
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks weights: {missing[:5]}")
     return model
+
+
+def _init_random(model: LlamaModel, seed: int = 0) -> None:
+    gen = torch.Generator(model.embed_tokens.device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=gen)
 
 
 def _expected_names(args: ModelArgs) -> set[str]:
