@@ -1,12 +1,10 @@
 """SGMV in Triton: rows grouped in segments that share a slot (LoRAMeta), one tile of a segment per
-program, tensor-core dots; every slice of a merged projection in the same launch.
+program, tensor-core dots; every slice of a merged projection in the same launch. Shrink writes fp32
+partial sums per split of `in` (decode has too few rows to fill the GPU otherwise); expand sums them,
+multiplies by B and the slot's scaling and adds into y.
 
-Two schedules. Split: shrink writes fp32 partial sums per split of `in`, a second launch sums them,
-multiplies by B and the slot's scaling and adds into y. Fused: one launch; each program computes its
-rows' shrink over all of `in` and expands it into its share of the columns, so the shrink is repeated
-once per column share (from L2). A launch costs ~5 us on an H100 even with nothing to move, which
-is more than the repeated shrink costs at decode sizes; fused is used where its extra reads are small."""
-
+A one-launch variant (each program repeating its rows' shrink before expanding its columns) was
+measured on an H100 and dropped: the serial shrink made it 2-5x slower than two launches."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,9 +15,6 @@ import triton.language as tl
 
 from kernels import launch
 from kernels.meta import LoRAMeta
-
-# Fuse while the repeated shrink reads fewer bytes than this (from L2: about one launch's cost).
-FUSE_MAX_EXTRA_BYTES = 16 * 2**20
 
 
 @triton.jit
@@ -57,26 +52,21 @@ def _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_h
 
 
 @triton.jit
-def _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, n_lo, n_hi,
-                 DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """y[rows, offset + n_lo:n_hi] += t @ B[slot, n_lo:n_hi, :rank].T, t already scaled."""
+def _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, offs_n, n_out,
+                 DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """y[rows, offset + offs_n] += t @ B[slot, offs_n, :rank].T, t already scaled."""
     b_ptr = tl.load(slice_row + 4).to(tl.pointer_type(y_ptr.dtype.element_ty))
     b_ptr += slot.to(tl.int64) * tl.load(slice_row + 5)
     sb1, sb2 = tl.load(slice_row + 6), tl.load(slice_row + 7)
-    col0 = tl.load(slice_row + 9)
     offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    t = t.to(y_ptr.dtype.element_ty)
-    for n in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_hi
-        bt = tl.load(b_ptr + offs_n[None, :] * sb1 + offs_r[:, None] * sb2,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        acc = tl.dot(t, bt, input_precision=DOT_PRECISION)
-        y_tile = y_ptr + rows[:, None] * sy0 + (col0 + offs_n)[None, :] * sy1
-        mask = m_mask[:, None] & n_mask[None, :]
-        y_old = tl.load(y_tile, mask=mask, other=0.0)
-        tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
+    n_mask = offs_n < n_out
+    bt = tl.load(b_ptr + offs_n[None, :] * sb1 + offs_r[:, None] * sb2,
+                 mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
+    acc = tl.dot(t.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+    y_tile = y_ptr + rows[:, None] * sy0 + (tl.load(slice_row + 9) + offs_n)[None, :] * sy1
+    mask = m_mask[:, None] & n_mask[None, :]
+    y_old = tl.load(y_tile, mask=mask, other=0.0)
+    tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
 
 
 @triton.jit
@@ -98,15 +88,13 @@ def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr,
 
 @triton.jit
 def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr,
-                        scalings_ptr, T, R, splits, n_per_program, HAS_RANKS: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_R: tl.constexpr):
+                        scalings_ptr, T, R, splits, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_b, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slice_row = table_ptr + j * 10
-    n_lo = pid_n * n_per_program
-    n_hi = tl.minimum(n_lo + n_per_program, tl.load(slice_row + 8))
+    n_out = tl.load(slice_row + 8)
     slot, rows, m_mask = _segment_rows(blocks_ptr, sorted_rows_ptr, pid_b, BLOCK_M)
-    if (slot < 0) | (n_lo >= n_hi):
+    if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     offs_r = tl.arange(0, BLOCK_R)
@@ -115,61 +103,28 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
         part = buf_ptr + ((s * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
         t += tl.load(part, mask=m_mask[:, None] & (offs_r[None, :] < rank), other=0.0)
     t *= tl.load(scalings_ptr + slot)
-    _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, n_lo, n_hi, DOT_PRECISION,
-                 BLOCK_N, BLOCK_R)
-
-
-@triton.jit
-def _sgmv_fused_kernel(y_ptr, sy0, sy1, x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr,
-                       scalings_ptr, K, R, n_per_program, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
-    pid_b, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    slice_row = table_ptr + j * 10
-    n_lo = pid_n * n_per_program
-    n_hi = tl.minimum(n_lo + n_per_program, tl.load(slice_row + 8))
-    slot, rows, m_mask = _segment_rows(blocks_ptr, sorted_rows_ptr, pid_b, BLOCK_M)
-    if (slot < 0) | (n_lo >= n_hi):
-        return
-    rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
-    t = _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, 0, K, K, DOT_PRECISION,
-                     BLOCK_M, BLOCK_R, BLOCK_K)
-    t *= tl.load(scalings_ptr + slot)
-    _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, n_lo, n_hi, DOT_PRECISION,
-                 BLOCK_N, BLOCK_R)
+    _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
+                 n_out, DOT_PRECISION, BLOCK_R)
 
 
 class Plan:
-    """Tile sizes and the schedule ("fused" or "split"; None: by the rule below) for one call shape,
-    from T and the slot count only (no device sync)."""
+    """Tile sizes and splits for one call shape, from T and the slot count only (no device sync)."""
 
     def __init__(self, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                 meta: LoRAMeta, schedule: str | None = None) -> None:
+                 meta: LoRAMeta) -> None:
         t, self.k = x.shape
         num_slices, self.max_rank = len(lora_a), lora_a[0].shape[1]
         self.max_out = max(b.shape[1] for b in lora_b)
-        self.num_slices = num_slices
-        # Rows per program: about the rows per slot, so one-row segments (decode) waste no tile.
+        # Rows per program: 16 at decode sizes (measured best up to T=256), else about the rows per
+        # slot, so that short prefill segments do not leave tiles half empty.
         per_slot = -(-t // max(1, min(t, meta.num_slots)))
-        self.block_m = min(64, max(16, triton.next_power_of_2(per_slot)))
+        self.block_m = 16 if t <= 256 else min(64, max(16, triton.next_power_of_2(per_slot)))
         self.block_r = max(16, triton.next_power_of_2(self.max_rank))  # tl.dot needs dimensions >= 16
         self.block_k = 128 if self.block_r <= 32 else 64
-        self.block_n = 128 if self.block_r <= 32 else 64
+        self.block_n = 128
         self.blocks = meta.blocks(self.block_m)
-        programs = self.blocks.shape[0] * num_slices
-        # Fused: the columns are shared among n_split programs per block, each repeating the shrink;
-        # as many as the extra reads allow (at least 2, else the split schedule is used).
-        active = min(t, meta.num_slots)
-        extra_per_split = num_slices * (t + active * self.max_rank) * self.k * x.element_size()
-        n_tiles = triton.cdiv(self.max_out, self.block_n)
-        self.n_split = 1
-        while self.n_split * 2 <= min(n_tiles, 16) and self.n_split * extra_per_split <= FUSE_MAX_EXTRA_BYTES:
-            self.n_split *= 2
-        self.fused = self.n_split >= 2 if schedule is None else schedule == "fused"
-        self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, programs, x.device)
-
-    def n_per_program(self, n_split: int) -> int:
-        return triton.cdiv(triton.cdiv(self.max_out, n_split), self.block_n) * self.block_n
+        self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, self.blocks.shape[0] * num_slices,
+                                                       x.device)
 
 
 def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
@@ -193,35 +148,18 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
     plan = plan or Plan(y, lora_a, lora_b, meta)
     table = launch.slice_table(lora_a, lora_b, offsets)
     splits, num_slices, t, max_rank = buf.shape
-    n_tiles = triton.cdiv(plan.max_out, plan.block_n)
-    _sgmv_expand_kernel[(plan.blocks.shape[0], n_tiles, num_slices)](
+    _sgmv_expand_kernel[(plan.blocks.shape[0], triton.cdiv(plan.max_out, plan.block_n), num_slices)](
         y, y.stride(0), y.stride(1), buf, table, plan.blocks, meta.sorted_rows,
-        ranks if ranks is not None else table, scalings, t, max_rank, splits, plan.block_n,
-        HAS_RANKS=ranks is not None, DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m,
-        BLOCK_N=plan.block_n, BLOCK_R=plan.block_r)
-
-
-def fused(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-          scalings: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int],
-          plan: Plan) -> None:
-    table = launch.slice_table(lora_a, lora_b, offsets)
-    _sgmv_fused_kernel[(plan.blocks.shape[0], plan.n_split, len(lora_a))](
-        y, y.stride(0), y.stride(1), x, x.stride(0), x.stride(1), table, plan.blocks, meta.sorted_rows,
-        ranks if ranks is not None else table, scalings, plan.k, plan.max_rank, plan.n_per_program(plan.n_split),
-        HAS_RANKS=ranks is not None, DOT_PRECISION=_precision(x), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_R=plan.block_r, BLOCK_K=plan.block_k)
+        ranks if ranks is not None else table, scalings, t, max_rank, splits, HAS_RANKS=ranks is not None,
+        DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
                   lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor,
-                  ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int],
-                  schedule: str | None = None) -> None:
-    plan = Plan(x, lora_a, lora_b, meta, schedule)
-    if plan.fused:
-        fused(y, x, lora_a, lora_b, scalings, ranks, meta, offsets, plan)
-    else:
-        buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets, plan)
-        expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, plan)
+                  ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int]) -> None:
+    plan = Plan(x, lora_a, lora_b, meta)
+    buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets, plan)
+    expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, plan)
 
 
 def _precision(t: torch.Tensor) -> str:
