@@ -42,9 +42,13 @@ def load_model(
     if load_format not in ("safetensors", "dummy"):
         raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {load_format!r}")
     args = ModelArgs.from_config(read_config(model_dir))
-    with torch.device(device):
-        model = LlamaModel(args).to(dtype)
-    model.inv_freq = model.inv_freq.float()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # allocate in the target dtype: no fp32 copy of every weight
+    try:
+        with torch.device(device):
+            model = LlamaModel(args)
+    finally:
+        torch.set_default_dtype(default_dtype)
     if load_format == "dummy":
         _init_random(model)
         return model

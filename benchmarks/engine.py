@@ -1,0 +1,222 @@
+"""Engine benchmark: python -m benchmarks.engine [--tiny] [--out DIR] [--plot-only]
+
+Offline generation through the replica's EngineCore on a Llama-3-8B-shaped model with random
+bf16 weights (no download): batch 64, 64-token prompts, 128 generated tokens with EOS ignored,
+7 adapters of rank 16 on all seven projections. Tokens per second for base-only rows, one
+adapter for all rows, and the 7 adapters mixed. First, a check that the engine's greedy tokens
+equal transformers' greedy tokens (same dtype, same device) for a small random Llama.
+--tiny runs the same code with small shapes (the CPU check). Writes <out>/engine.json and,
+where matplotlib is installed, engine.png (--plot-only draws the PNG from an existing JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from replica import EngineConfig, EngineCore, LoRARequest, SamplingParams
+from replica.model import ModelArgs
+from replica.testing import make_tiny_llama, make_tokenizer
+
+RESULTS_DIR = Path(__file__).parent / "results"
+LLAMA3_8B = dict(
+    model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+)  # fmt: skip
+TINY = dict(
+    model_type="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=512, max_position_embeddings=512, rms_norm_eps=1e-5,
+)  # fmt: skip
+NUM_ADAPTERS, RANK = 7, 16
+
+
+@dataclass(frozen=True)
+class RandomLoRA:
+    """In-memory adapter weights with the fields the adapter pool reads from storage.LoRAWeights."""
+
+    name: str
+    rank: int
+    scaling: float
+    modules: tuple[str, ...]
+    lora_a: dict[str, torch.Tensor]
+    lora_b: dict[str, torch.Tensor]
+
+
+class RandomAdapterStore:
+    """Adapters of rank RANK on every projection, made on request (no files, no network)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
+        self.shapes, self.num_layers = shapes, num_layers
+
+    def load(self, uri: str) -> RandomLoRA:
+        gen = torch.Generator().manual_seed(zlib.crc32(uri.encode()))
+        a = {
+            m: torch.randn(self.num_layers, RANK, i, generator=gen) * 0.02
+            for m, (i, _) in self.shapes.items()
+        }
+        b = {
+            m: torch.randn(self.num_layers, o, RANK, generator=gen) * 0.02
+            for m, (_, o) in self.shapes.items()
+        }
+        return RandomLoRA(uri, RANK, 2.0, tuple(self.shapes), a, b)
+
+
+def greedy_check(device: str, dtype: torch.dtype, tmp: Path) -> dict:
+    """The engine's greedy tokens against transformers' on one short prompt, same dtype and device."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_tiny_llama(
+        tmp / "check-llama", seed=0, dtype=dtype, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, initializer_range=0.1, rope_scaling=None,
+    )  # fmt: skip
+    prompt, new = [5, 17, 99, 3, 250, 42, 7, 300], 24
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    with torch.no_grad():
+        out = ref.generate(torch.tensor([prompt], device=device), max_new_tokens=new, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)  # fmt: skip
+    expected = out[0, len(prompt) :].tolist()
+    del ref
+    core = EngineCore(EngineConfig(model=str(model_dir), dtype=_name(dtype), device=device, num_kv_blocks=64),
+                      store=RandomAdapterStore({}, 0))  # fmt: skip
+    seq = core.make_sequence(prompt, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+    core.add(seq)
+    while core.has_work:
+        core.step()
+    same = next((i for i, (a, b) in enumerate(zip(seq.output_ids, expected, strict=True)) if a != b), new)
+    return {"tokens": new, "equal": seq.output_ids == expected, "first_difference": None if same == new else same,
+            "engine": seq.output_ids, "transformers": expected}  # fmt: skip
+
+
+def throughput(
+    config: dict, device: str, dtype: torch.dtype, tmp: Path, batch: int, prompt_len: int, gen_len: int
+) -> dict:
+    model_dir = tmp / "bench-model"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    make_tokenizer(model_dir)  # prompts are token ids; ids beyond its vocabulary decode to nothing
+    blocks = batch * -(-(prompt_len + gen_len) // 16) + 16
+    cfg = EngineConfig(
+        model=str(model_dir), load_format="dummy", dtype=_name(dtype), device=device, max_num_seqs=batch,
+        max_num_batched_tokens=batch * prompt_len, max_loras=8, max_lora_rank=RANK, num_kv_blocks=blocks,
+    )  # fmt: skip
+    shape = ModelArgs.from_config(config)
+    start = time.perf_counter()
+    core = EngineCore(cfg, store=RandomAdapterStore(shape.module_shapes(), shape.num_layers))
+    load_s = time.perf_counter() - start
+    adapters = [LoRARequest(f"tenant{i}", f"random://{i}") for i in range(NUM_ADAPTERS)]
+    for a in adapters:
+        core.pool.request(a)
+    while any(core.pool.ensure(a) != "ready" for a in adapters):
+        time.sleep(0.05)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [
+        torch.randint(0, config["vocab_size"], (prompt_len,), generator=gen).tolist() for _ in range(batch)
+    ]
+    params = SamplingParams(max_tokens=gen_len, temperature=0, ignore_eos=True)
+    scenarios = {
+        "base_only": [None] * batch,
+        "one_adapter": [adapters[0]] * batch,
+        "mixed_7_adapters": [adapters[i % NUM_ADAPTERS] for i in range(batch)],
+    }
+    results = {"model_load_s": round(load_s, 2)}
+    run(core, prompts[:2], SamplingParams(max_tokens=4), [None, adapters[0]])  # warm-up (compiles kernels)
+    for name, rows in scenarios.items():
+        results[name] = run(core, prompts, params, rows)
+        print(name, results[name], flush=True)
+    return results
+
+
+def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams, adapters: list) -> dict:
+    seqs = [core.make_sequence(p, params, a) for p, a in zip(prompts, adapters, strict=True)]
+    sync = torch.cuda.synchronize if core.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for s in seqs:
+        core.add(s)
+    core.step()  # the whole batch's prompts in one step
+    sync()
+    prefill = time.perf_counter() - start
+    steps = 1
+    while core.has_work:
+        core.step()
+        steps += 1
+    sync()
+    total = time.perf_counter() - start
+    generated = sum(len(s.output_ids) for s in seqs)
+    return {
+        "generated_tokens": generated,
+        "steps": steps,
+        "seconds": round(total, 3),
+        "tokens_per_s": round(generated / total, 1),
+        "prefill_s": round(prefill, 3),
+        "decode_tokens_per_s": round((generated - len(seqs)) / (total - prefill), 1),
+    }
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["base_only", "one_adapter", "mixed_7_adapters"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = [results["throughput"][n]["tokens_per_s"] for n in names]
+    ax.bar(names, values, color=["#888", "#4a8", "#48c"])
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(f"{results['model']}, batch {results['batch']}, {results['prompt_len']}+{results['gen_len']} "
+                 f"tokens\n{results['device']}", fontsize=9)  # fmt: skip
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small shapes (the CPU check)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--plot-only", action="store_true", help="draw engine.png from engine.json")
+    args = parser.parse_args()
+    json_path, png_path = args.out / "engine.json", args.out / "engine.png"
+    if args.plot_only:
+        plot(json.loads(json_path.read_text()), png_path)
+        return
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    tiny = args.tiny or not cuda
+    batch, prompt_len, gen_len = (8, 16, 16) if tiny else (64, 64, 128)
+    with tempfile.TemporaryDirectory() as tmp:
+        check = greedy_check(device, dtype, Path(tmp))
+        print("greedy check:", check, flush=True)
+        results = {
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "dtype": _name(dtype),
+            "model": "tiny random Llama" if tiny else "Llama-3-8B-shaped, random weights",
+            "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
+            "adapters": f"{NUM_ADAPTERS} x rank {RANK}, all 7 projections",
+            "greedy_matches_transformers": check,
+            "throughput": throughput(TINY if tiny else LLAMA3_8B, device, dtype, Path(tmp), batch, prompt_len, gen_len),
+        }  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    try:
+        plot(results, png_path)
+    except ImportError:
+        print("matplotlib is not installed: no PNG (run with --plot-only where it is)")
+
+
+if __name__ == "__main__":
+    main()
