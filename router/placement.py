@@ -119,11 +119,12 @@ class AdapterAffinityRouter(RequestRouter):
         loads = {uid: self._load(r) + waiting[uid] for uid, r in by_id.items()}
         order = rendezvous_order(adapter, list(by_id))
         within, over = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
-        # Preferred: within the bound and either the adapter's first replica or one that
-        # already holds it (a hot adapter that spilled before), in hash order; if none, the
-        # next replica in hash order within the bound.
+        # Preferred: the replicas within the bound that already hold the adapter (its first
+        # replica, or others it spilled to), then the first replica in its hash order within
+        # the bound, which loads it.
         holding = {uid for uid, r in by_id.items() if adapter in (r.routing_stats or {}).get(STAT_RESIDENT, ())}
-        preferred = [uid for uid in within if uid == order[0] or uid in holding] or within[:1]
+        holders = [uid for uid in within if uid in holding]
+        preferred = holders + [uid for uid in within[:1] if uid not in holders]
         request_id = pending_request.metadata.internal_request_id
         if request_id not in self._waiting and preferred:
             self._waiting[request_id] = (pending_request, preferred[0])
