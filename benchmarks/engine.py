@@ -11,6 +11,7 @@ where matplotlib is installed, engine.png (--plot-only draws the PNG from an exi
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from replica import EngineConfig, EngineCore, LoRARequest, SamplingParams
+from replica.loader import read_config
 from replica.model import ModelArgs
 from replica.testing import make_tiny_llama, make_tokenizer
 
@@ -40,7 +42,8 @@ NUM_ADAPTERS, RANK = 7, 16
 
 @dataclass(frozen=True)
 class RandomLoRA:
-    """In-memory adapter weights with the fields the adapter pool reads from storage.LoRAWeights."""
+    """In-memory adapter weights with the fields the adapter pool reads from storage.LoRAWeights
+    (the GPU machine has no boto3, which storage needs)."""
 
     name: str
     rank: int
@@ -51,58 +54,100 @@ class RandomLoRA:
 
 
 class RandomAdapterStore:
-    """Adapters of rank RANK on every projection, made on request (no files, no network)."""
+    """Adapters on every projection, made on request (no files, no network)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, int]], num_layers: int) -> None:
-        self.shapes, self.num_layers = shapes, num_layers
+    def __init__(
+        self, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int = RANK, std: float = 0.02
+    ) -> None:
+        self.shapes, self.num_layers, self.rank, self.std = shapes, num_layers, rank, std
 
     def load(self, uri: str) -> RandomLoRA:
         gen = torch.Generator().manual_seed(zlib.crc32(uri.encode()))
-        a = {
-            m: torch.randn(self.num_layers, RANK, i, generator=gen) * 0.02
-            for m, (i, _) in self.shapes.items()
-        }
-        b = {
-            m: torch.randn(self.num_layers, o, RANK, generator=gen) * 0.02
-            for m, (_, o) in self.shapes.items()
-        }
-        return RandomLoRA(uri, RANK, 2.0, tuple(self.shapes), a, b)
+        r, std, layers = self.rank, self.std, self.num_layers
+        a = {m: torch.randn(layers, r, i, generator=gen) * std for m, (i, _) in self.shapes.items()}
+        b = {m: torch.randn(layers, o, r, generator=gen) * std for m, (_, o) in self.shapes.items()}
+        return RandomLoRA(uri, r, 2.0, tuple(self.shapes), a, b)
 
 
 def greedy_check(device: str, dtype: torch.dtype, tmp: Path) -> dict:
-    """The engine's greedy tokens against transformers' on one short prompt, same dtype and device."""
-    from transformers import AutoModelForCausalLM
-
+    """The engine's greedy tokens against transformers' on one short prompt, same dtype and device:
+    for the base model, and for a rank-8 adapter on all projections (merged into transformers'
+    weights in fp32, applied by the engine through the LoRA kernels)."""
     model_dir = make_tiny_llama(
         tmp / "check-llama", seed=0, dtype=dtype, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, initializer_range=0.1, rope_scaling=None,
     )  # fmt: skip
-    prompt, new = [5, 17, 99, 3, 250, 42, 7, 300], 24
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([prompt], device=device), max_new_tokens=new, do_sample=False,
-                           eos_token_id=None, pad_token_id=0)  # fmt: skip
-    expected = out[0, len(prompt) :].tolist()
-    del ref
+    shape = ModelArgs.from_config(read_config(model_dir))
+    store = RandomAdapterStore(shape.module_shapes(), shape.num_layers, rank=8, std=0.1)
+    adapter = LoRARequest("check", "random://check")
     core = EngineCore(EngineConfig(model=str(model_dir), dtype=_name(dtype), device=device, num_kv_blocks=64),
-                      store=RandomAdapterStore({}, 0))  # fmt: skip
-    seq = core.make_sequence(prompt, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
-    core.add(seq)
-    while core.has_work:
-        core.step()
-    same = next((i for i, (a, b) in enumerate(zip(seq.output_ids, expected, strict=True)) if a != b), new)
-    return {"tokens": new, "equal": seq.output_ids == expected, "first_difference": None if same == new else same,
-            "engine": seq.output_ids, "transformers": expected}  # fmt: skip
+                      store=store)  # fmt: skip
+    prompt, new = [5, 17, 99, 3, 250, 42, 7, 300], 24
+    results = {}
+    for name, lora in (("base", None), ("adapter", store.load(adapter.uri))):
+        # transformers in the engine's dtype, and in fp32 to show how far either drifts in bf16
+        expected, fp32 = (hf_greedy(model_dir, lora, prompt, new, device, d) for d in (dtype, torch.float32))
+        if lora is not None:
+            core.pool.request(adapter)
+            while core.pool.ensure(adapter) != "ready":
+                time.sleep(0.01)
+        seq = core.make_sequence(prompt, SamplingParams(max_tokens=new, temperature=0, ignore_eos=True),
+                                 adapter if lora is not None else None)  # fmt: skip
+        core.add(seq)
+        while core.has_work:
+            core.step()
+        results[name] = {
+            "tokens": new, "equal": seq.output_ids == expected, "first_difference": first_difference(seq.output_ids, expected),
+            "engine_vs_fp32_first_difference": first_difference(seq.output_ids, fp32),
+            "transformers_vs_fp32_first_difference": first_difference(expected, fp32),
+            "engine": seq.output_ids, "transformers": expected,
+        }  # fmt: skip
+    core.pool.shutdown()
+    return results
+
+
+def hf_greedy(
+    model_dir: Path, lora: RandomLoRA | None, prompt: list[int], new: int, device: str, dtype: torch.dtype
+) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if lora is not None:
+        merge(model, lora)
+    model = model.to(device=device, dtype=dtype).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt], device=device), max_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
+def merge(model: torch.nn.Module, lora: RandomLoRA) -> None:
+    """W += scaling * B @ A for every layer and module, in the model's (fp32) weights."""
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for m in lora.modules:
+                linear = getattr(
+                    layer.self_attn if m in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, m
+                )
+                linear.weight += lora.scaling * lora.lora_b[m][i] @ lora.lora_a[m][i]
 
 
 def throughput(
     config: dict, device: str, dtype: torch.dtype, tmp: Path, batch: int, prompt_len: int, gen_len: int
 ) -> dict:
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()  # the check's memory goes back before the KV cache is sized
     model_dir = tmp / "bench-model"
     model_dir.mkdir(exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config))
     make_tokenizer(model_dir)  # prompts are token ids; ids beyond its vocabulary decode to nothing
-    blocks = batch * -(-(prompt_len + gen_len) // 16) + 16
+    # On the GPU the KV cache is sized from the memory budget, as in serving.
+    blocks = None if device == "cuda" else batch * -(-(prompt_len + gen_len) // 16)
     cfg = EngineConfig(
         model=str(model_dir), load_format="dummy", dtype=_name(dtype), device=device, max_num_seqs=batch,
         max_num_batched_tokens=batch * prompt_len, max_loras=8, max_lora_rank=RANK, num_kv_blocks=blocks,
@@ -126,7 +171,7 @@ def throughput(
         "one_adapter": [adapters[0]] * batch,
         "mixed_7_adapters": [adapters[i % NUM_ADAPTERS] for i in range(batch)],
     }
-    results = {"model_load_s": round(load_s, 2)}
+    results = {"model_load_s": round(load_s, 2), "kv_blocks": core.blocks.num_blocks}
     run(core, prompts[:2], SamplingParams(max_tokens=4), [None, adapters[0]])  # warm-up (compiles kernels)
     for name, rows in scenarios.items():
         results[name] = run(core, prompts, params, rows)
