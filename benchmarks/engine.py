@@ -15,6 +15,7 @@ import gc
 import json
 import tempfile
 import time
+import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,11 +244,15 @@ def main() -> None:
     tiny = args.tiny or not cuda
     batch, prompt_len, gen_len = (8, 16, 16) if tiny else (64, 64, 128)
     with tempfile.TemporaryDirectory() as tmp:
-        check = greedy_check(device, dtype, Path(tmp))
+        try:
+            check = greedy_check(device, dtype, Path(tmp))
+        except Exception:  # still measure throughput; the JSON carries the failure
+            check = {"error": traceback.format_exc()}
         print("greedy check:", check, flush=True)
         results = {
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "dtype": _name(dtype),
+            "torch": torch.__version__,
             "model": "tiny random Llama" if tiny else "Llama-3-8B-shaped, random weights",
             "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
             "adapters": f"{NUM_ADAPTERS} x rank {RANK}, all 7 projections",
