@@ -3,6 +3,7 @@ error bodies."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections import Counter
@@ -160,3 +161,76 @@ def test_replica_errors_become_openai_errors(exc, status, param):
 
 def test_a_bug_is_not_an_api_error():
     assert error_dict(KeyError("x")) is None
+
+
+def _router(**kwargs):
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from router.placement import AdapterAffinityRouter
+
+    router = AdapterAffinityRouter(deployment_id=DeploymentID(name="engine", app_name="fleet"),
+                                   handle_source=DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(**kwargs)
+    return router
+
+
+def _replica(uid: str, queue_len: int = 0, resident: tuple[str, ...] = ()):
+    # Stands in for Ray's RunningReplica (an actor): the policy reads only these fields.
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentID, ReplicaID
+
+    replica_id = ReplicaID(unique_id=uid, deployment_id=DeploymentID(name="engine", app_name="fleet"))
+    return SimpleNamespace(replica_id=replica_id,
+                           routing_stats={"queue_len": queue_len, "resident_adapters": list(resident)})
+
+
+def _request(adapter: str, request_id: str, age_s: float = 0.0):
+    import time
+
+    from ray.serve._private.common import RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    metadata = RequestMetadata(request_id=request_id, internal_request_id=request_id, multiplexed_model_id=adapter)
+    return PendingRequest(args=[], kwargs={}, metadata=metadata, created_at=time.time() - age_s)
+
+
+async def _choose(router, replicas, request) -> list[list[str]]:
+    return [[r.replica_id.unique_id for r in rank] for rank in await router.choose_replicas(replicas, request)]
+
+
+def test_policy_prefers_holders_then_the_hash_order_and_waits_before_spilling():
+    asyncio.run(_policy())
+
+
+async def _policy():
+    uids = ["r0", "r1", "r2"]
+    order = rendezvous_order("a", uids)
+    router = _router(epsilon=0.5, slack=2.0, affinity_wait_s=1.0)
+    # Nobody holds it: only its first replica, until the wait is over; then all in hash order.
+    assert await _choose(router, [_replica(u) for u in uids], _request("a", "1")) == [[order[0]]]
+    assert await _choose(router, [_replica(u) for u in uids], _request("a", "2", age_s=2)) == [[u] for u in order]
+    # A replica holding it goes first, the first replica second.
+    holder = order[2]
+    replicas = [_replica(u, resident=("a",) if u == holder else ()) for u in uids]
+    assert await _choose(router, replicas, _request("a", "3")) == [[holder], [order[0]]]
+    # Its first replica over the load bound (mean 4, bound 8): the next in hash order.
+    replicas = [_replica(u, queue_len=12 if u == order[0] else 0) for u in uids]
+    assert await _choose(router, replicas, _request("a", "4")) == [[order[1]]]
+    # Base-model requests: two random replicas, the less loaded one is taken by Ray.
+    ranks = await _choose(router, [_replica(u) for u in uids], _request("", "5"))
+    assert len(ranks) == 1 and len(set(ranks[0])) == 2
+
+
+def test_requests_waiting_in_the_router_count_as_load():
+    asyncio.run(_waiting())
+
+
+async def _waiting():
+    uids = ["r0", "r1", "r2"]
+    order = rendezvous_order("hot", uids)
+    router = _router(epsilon=0.0, slack=1.0)
+    replicas = [_replica(u) for u in uids]
+    placed = [(await _choose(router, replicas, _request("hot", f"q{i}")))[0][0] for i in range(6)]
+    # None is routed yet: each waits on its first choice, and the bound moves the later ones on.
+    assert placed[0] == order[0] and len(set(placed)) >= 2
