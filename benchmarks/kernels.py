@@ -156,8 +156,8 @@ def plot(results: dict) -> object:
 
     rows = [("decode", 8), ("decode", "distinct"), ("prefill", 8), ("prefill", 32)]
     shapes = sorted({(p["out"], p["rank"]) for p in results["points"]})
-    fig, axes = plt.subplots(len(rows) + 1, len(shapes), figsize=(4.2 * len(shapes), 3.4 * (len(rows) + 1)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(rows) + 1, len(shapes), figsize=(4.2 * len(shapes), 3.6 * (len(rows) + 1)),
+                             squeeze=False, layout="constrained")
     for i, (mode, n) in enumerate(rows):
         for j, (out, rank) in enumerate(shapes):
             ax = axes[i][j]
@@ -172,8 +172,8 @@ def plot(results: dict) -> object:
                 ax.plot(ts, [p["time"][b]["total_us"] for p in pts], marker="o", ms=3, label=b)
             ax.plot(ts, [p["base_gemm_us"] for p in pts], "k--", label="base GEMM x@W")
             ax.plot(ts, [p["roofline_us"] for p in pts], "k:", label="roofline")
-            ax.set(xscale="log", yscale="log", xlabel="T (rows)", ylabel="us",
-                   title=f"{mode}, {n} adapters, out {out}, rank {rank}")
+            ax.set(xscale="log", yscale="log", xlabel="T (rows)", ylabel="us")
+            ax.set_title(f"{mode}, {n} adapters, out {out}, r {rank}", fontsize=9)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     layer = results["layer"]
