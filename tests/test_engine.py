@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 import storage
-from replica import Engine, EngineConfig, InvalidRequest, LoRARequest, QueueFull, SamplingParams
+from replica import (
+    Engine,
+    EngineConfig,
+    EngineMetrics,
+    InvalidRequest,
+    LoRARequest,
+    QueueFull,
+    SamplingParams,
+)
 from replica.testing import one_torch_thread, tiny_model_and_adapters
 
 
@@ -38,12 +46,33 @@ class GatedStore(storage.AdapterStore):
         return super().load(uri)
 
 
-def make_engine(model_dir: Path, tmp_path: Path, store=None, **overrides) -> Engine:
+class RecordingMetrics(EngineMetrics):
+    def __init__(self) -> None:
+        self.finished: list[str] = []
+        self.tokens_seen = [0, 0]
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+
+    def request_finished(self, status: str) -> None:
+        self.finished.append(status)
+
+    def tokens(self, prompt: int, generated: int) -> None:
+        self.tokens_seen[0] += prompt
+        self.tokens_seen[1] += generated
+
+    def time_to_first_token(self, seconds: float) -> None:
+        self.ttft.append(seconds)
+
+    def inter_token_latency(self, seconds: float) -> None:
+        self.itl.append(seconds)
+
+
+def make_engine(model_dir: Path, tmp_path: Path, store=None, metrics=None, **overrides) -> Engine:
     cfg = dict(
         model=str(model_dir), adapter_cache_dir=str(tmp_path / "cache"), num_kv_blocks=128, max_loras=2
     )
     cfg.update(overrides)
-    return Engine(EngineConfig(**cfg), store=store)
+    return Engine(EngineConfig(**cfg), store=store, metrics=metrics)
 
 
 async def collect(engine: Engine, prompt, params: SamplingParams, **kwargs):
@@ -63,8 +92,10 @@ async def settle(engine: Engine, total_blocks: int) -> dict:
 def test_generate_streams_text_and_ids(tiny, tmp_path):
     model_dir, adapters = tiny
 
+    metrics = RecordingMetrics()
+
     async def main():
-        engine = make_engine(model_dir, tmp_path)
+        engine = make_engine(model_dir, tmp_path, metrics=metrics)
         try:
             params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
             outs = await collect(engine, "The quick brown fox", params)
@@ -85,6 +116,8 @@ def test_generate_streams_text_and_ids(tiny, tmp_path):
             assert stats["resident_adapters"] == ["all4"] and stats["host_adapters"] == ["all4"]
             assert stats["free_kv_blocks"] == stats["total_kv_blocks"] == 128
             assert engine.max_model_len == 256 and engine.model_name == "tiny-llama"
+            assert metrics.finished == ["length"] * 3 and metrics.tokens_seen == [3 * prompt_len, 18]
+            assert len(metrics.ttft) == 3 and len(metrics.itl) == 15 and min(metrics.ttft + metrics.itl) > 0
         finally:
             await engine.shutdown()
 
