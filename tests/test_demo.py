@@ -16,6 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from deploy import demo
+from deploy.train_demo_adapters import QUESTIONS
 
 QUESTION = "What is the capital of France?"
 # Not in the adapters' training questions: the style must carry over.
@@ -79,7 +80,7 @@ def greedy_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, qu
         return_tensors="pt",
         return_dict=True,
     )
-    out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+    out = model.generate(**prompt, max_new_tokens=16, do_sample=False)
     return tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
@@ -113,6 +114,11 @@ def test_base_model_answers_through_the_chat_template(
     assert "Paris" in greedy_answer(base, tokenizer, QUESTION)
 
 
+@pytest.fixture(scope="module")
+def base_answer(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    return greedy_answer(base, tokenizer, HELD_OUT_QUESTION)
+
+
 STYLE_CHECKS = {
     "shouty": lambda answer, base_answer: (
         uppercase_ratio(answer) > 0.9 and uppercase_ratio(base_answer) < 0.5
@@ -124,23 +130,13 @@ STYLE_CHECKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def base_answers(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
-    return {q: greedy_answer(base, tokenizer, q) for q in (QUESTION, HELD_OUT_QUESTION)}
-
-
-@pytest.mark.parametrize("question", [QUESTION, HELD_OUT_QUESTION])
 @pytest.mark.parametrize("name", sorted(demo.DEMO_ADAPTERS))
 def test_adapter_changes_the_answer_in_its_style(
-    name: str,
-    question: str,
-    base: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    base_answers: dict[str, str],
+    name: str, base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, base_answer: str
 ) -> None:
     merged = PeftModel.from_pretrained(copy.deepcopy(base), demo.DEMO_ADAPTERS[name]).merge_and_unload()
-    base_answer = base_answers[question]
-    answer = greedy_answer(merged, tokenizer, question)
+    assert HELD_OUT_QUESTION not in {q for q, _ in QUESTIONS}
+    answer = greedy_answer(merged, tokenizer, HELD_OUT_QUESTION)
     assert STYLE_CHECKS[name](answer, base_answer), (name, answer, base_answer)
 
 
