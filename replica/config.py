@@ -43,3 +43,16 @@ class EngineConfig:
     s3: Any = None  # storage.S3Options, passed to storage.AdapterStore
     served_model_name: str | None = None
     adapter_load_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_loras", "max_cpu_loras", "max_lora_rank",
+                     "block_size", "max_waiting", "adapter_load_workers"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"EngineConfig.num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks!r}")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(
+                f"EngineConfig.kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction!r}"
+            )

@@ -177,6 +177,15 @@ def test_abort_and_consumer_leaving_free_everything(tiny, tmp_path):
     asyncio.run(main())
 
 
+def test_bad_config_is_rejected_naming_the_field(tiny):
+    model_dir, _ = tiny
+    for field, value in [("max_loras", 0), ("block_size", -4), ("kv_cache_memory_fraction", 1.5)]:
+        with pytest.raises(ValueError, match=field):
+            EngineConfig(model=str(model_dir), **{field: value})
+    with pytest.raises(ValueError, match="dtype"):
+        Engine(EngineConfig(model=str(model_dir), dtype="int8"))
+
+
 def test_bad_requests_raise_before_queueing(tiny, tmp_path):
     model_dir, _ = tiny
 
