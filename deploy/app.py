@@ -79,7 +79,9 @@ def build(config: FleetConfig) -> Application:
         router_config = RequestRouterConfig(
             request_router_class=AdapterAffinityRouter,
             request_router_kwargs={"epsilon": config.router.epsilon, "slack": config.router.slack,
-                                   "affinity_wait_s": config.router.affinity_wait_s},
+                                   "affinity_wait_s": config.router.affinity_wait_s,
+                                   # One period late is expected; older counts are stale.
+                                   "stats_max_age_s": 2 * config.router.routing_stats_period_s},
             request_routing_stats_period_s=config.router.routing_stats_period_s,
         )
     else:

@@ -19,6 +19,7 @@ import errno
 import glob
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -246,6 +247,7 @@ class EngineReplica:
         return {
             "queue_len": stats["num_waiting"] + stats["num_running"],
             "resident_adapters": list(stats["resident_adapters"]),
+            "reported_at": time.time(),
         }
 
     def stats(self) -> dict[str, Any]:

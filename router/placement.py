@@ -24,6 +24,7 @@ from router.metrics import ROUTING_DECISIONS
 # Routing-stats keys the engine replicas report (replica/deployment.py: record_routing_stats).
 STAT_QUEUE_LEN = "queue_len"
 STAT_RESIDENT = "resident_adapters"
+STAT_TIME = "reported_at"  # time.time() on the replica
 
 
 def rendezvous_order(key: str, replica_ids: Sequence[str]) -> list[str]:
@@ -62,7 +63,8 @@ class AdapterAffinityRouter(RequestRouter):
 
     kwargs (request_router_kwargs): epsilon (default 0.5), slack (default 4.0),
     affinity_wait_s (default 1.0: how long a request waits for its preferred replicas to accept
-    before any replica may take it).
+    before any replica may take it), stats_max_age_s (default 1.0: older reported queue lengths
+    are ignored).
     """
 
     def initialize_state(
@@ -70,6 +72,7 @@ class AdapterAffinityRouter(RequestRouter):
         epsilon: float = 0.5,
         slack: float = 4.0,
         affinity_wait_s: float = 1.0,
+        stats_max_age_s: float = 1.0,
         **_: object,
     ) -> None:
         if epsilon < 0:
@@ -79,6 +82,7 @@ class AdapterAffinityRouter(RequestRouter):
         self._epsilon = float(epsilon)
         self._slack = float(slack)
         self._affinity_wait_s = float(affinity_wait_s)
+        self._stats_max_age_s = float(stats_max_age_s)
         # The `replica` label of the routing counter: the replica this router runs in.
         self._metrics_replica = _own_replica_id()
         # Requests this router has in flight per replica: fresher than the periodic stats.
@@ -95,7 +99,11 @@ class AdapterAffinityRouter(RequestRouter):
         return Counter(uid for _, uid in self._waiting.values())
 
     def _load(self, replica: RunningReplica) -> float:
-        reported = (replica.routing_stats or {}).get(STAT_QUEUE_LEN, 0)
+        # The replica's own count also covers other routers' requests, but it reaches here a
+        # period late: a stale one (a burst that has ended) must not move adapters.
+        stats = replica.routing_stats or {}
+        fresh = time.time() - stats.get(STAT_TIME, 0.0) <= self._stats_max_age_s
+        reported = stats.get(STAT_QUEUE_LEN, 0) if fresh else 0
         return float(max(self._inflight.get(replica.replica_id, 0), reported))
 
     async def choose_replicas(

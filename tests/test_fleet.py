@@ -169,19 +169,6 @@ def replica_of(c: openai.OpenAI, model: str, max_tokens: int = 2) -> str:
     return raw.headers["x-lorafleet-replica"]
 
 
-def test_affinity_when_light_and_spreading_when_hot(fleet):
-    c = client(fleet)
-    # Light load: every request for one adapter lands on the same replica...
-    for adapter in ("acme-4", "acme-5", "acme-6"):
-        assert len({replica_of(c, adapter) for _ in range(5)}) == 1
-    # ...while different adapters use different replicas.
-    assert len({replica_of(c, a) for a in ACME}) >= 2
-    # A hot adapter: many at once spill past its first replica's load bound.
-    with concurrent.futures.ThreadPoolExecutor(24) as pool:
-        placed = Counter(pool.map(lambda _: replica_of(c, "acme-7", max_tokens=24), range(24)))
-    assert len(placed) >= 2, placed
-
-
 def test_metrics_show_the_hits_and_misses_this_test_caused(fleet):
     c = client(fleet, "beta")
     before = scrape(fleet)
@@ -196,6 +183,19 @@ def test_metrics_show_the_hits_and_misses_this_test_caused(fleet):
     assert total(after, "lorafleet_time_to_first_token_seconds_count", replica=replica) >= 2
     # No label value names an adapter or a tenant.
     assert not any("beta" in v for (_, labels) in after for _, v in labels)
+
+
+def test_affinity_when_light_and_spreading_when_hot(fleet):
+    c = client(fleet)
+    # Light load: every request for one adapter lands on the same replica...
+    for adapter in ("acme-4", "acme-5", "acme-6"):
+        assert len({replica_of(c, adapter) for _ in range(5)}) == 1
+    # ...while different adapters use different replicas.
+    assert len({replica_of(c, a) for a in ACME}) >= 2
+    # A hot adapter: many at once spill past its first replica's load bound.
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        placed = Counter(pool.map(lambda _: replica_of(c, "acme-7", max_tokens=24), range(24)))
+    assert len(placed) >= 2, placed
 
 
 def test_admin_registers_replaces_and_removes_adapters(fleet):

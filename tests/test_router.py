@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections import Counter
 
 import pytest
@@ -174,7 +175,7 @@ def _router(**kwargs):
     return router
 
 
-def _replica(uid: str, queue_len: int = 0, resident: tuple[str, ...] = ()):
+def _replica(uid: str, queue_len: int = 0, resident: tuple[str, ...] = (), age_s: float = 0.0):
     # Stands in for Ray's RunningReplica (an actor): the policy reads only these fields.
     from types import SimpleNamespace
 
@@ -182,7 +183,8 @@ def _replica(uid: str, queue_len: int = 0, resident: tuple[str, ...] = ()):
 
     replica_id = ReplicaID(unique_id=uid, deployment_id=DeploymentID(name="engine", app_name="fleet"))
     return SimpleNamespace(replica_id=replica_id,
-                           routing_stats={"queue_len": queue_len, "resident_adapters": list(resident)})
+                           routing_stats={"queue_len": queue_len, "resident_adapters": list(resident),
+                                          "reported_at": time.time() - age_s})
 
 
 def _request(adapter: str, request_id: str, age_s: float = 0.0):
@@ -217,6 +219,9 @@ async def _policy():
     # Its first replica over the load bound (mean 4, bound 8): the next in hash order.
     replicas = [_replica(u, queue_len=12 if u == order[0] else 0) for u in uids]
     assert await _choose(router, replicas, _request("a", "4")) == [[order[1]]]
+    # ...unless that count is stale (a burst that has ended).
+    replicas = [_replica(u, queue_len=12 if u == order[0] else 0, age_s=5) for u in uids]
+    assert await _choose(router, replicas, _request("a", "4b")) == [[order[0]]]
     # Base-model requests: two random replicas, the less loaded one is taken by Ray.
     ranks = await _choose(router, [_replica(u) for u in uids], _request("", "5"))
     assert len(ranks) == 1 and len(set(ranks[0])) == 2
