@@ -52,9 +52,9 @@ def _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_h
 
 
 @triton.jit
-def _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, offs_n, n_out,
-                 DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """y[rows, offset + offs_n] += t @ B[slot, offs_n, :rank].T, t already scaled."""
+def _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, n_out, BLOCK_R: tl.constexpr):
+    """B[slot, offs_n, :rank] transposed, and the y tile it adds into (pointers, mask, old values). Loaded
+    before the rank vectors are summed, so these HBM reads overlap that work."""
     b_ptr = tl.load(slice_row + 4).to(tl.pointer_type(y_ptr.dtype.element_ty))
     b_ptr += slot.to(tl.int64) * tl.load(slice_row + 5)
     sb1, sb2 = tl.load(slice_row + 6), tl.load(slice_row + 7)
@@ -62,10 +62,15 @@ def _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, offs_n
     n_mask = offs_n < n_out
     bt = tl.load(b_ptr + offs_n[None, :] * sb1 + offs_r[:, None] * sb2,
                  mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
-    acc = tl.dot(t.to(bt.dtype), bt, input_precision=DOT_PRECISION)
     y_tile = y_ptr + rows[:, None] * sy0 + (tl.load(slice_row + 9) + offs_n)[None, :] * sy1
     mask = m_mask[:, None] & n_mask[None, :]
-    y_old = tl.load(y_tile, mask=mask, other=0.0)
+    return bt, y_tile, mask, tl.load(y_tile, mask=mask, other=0.0)
+
+
+@triton.jit
+def _expand_store(t, bt, y_tile, mask, y_old, DOT_PRECISION: tl.constexpr):
+    """y tile += t @ bt, t already scaled."""
+    acc = tl.dot(t.to(bt.dtype), bt, input_precision=DOT_PRECISION)
     tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
 
 
@@ -97,14 +102,14 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
     if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
+    bt, y_tile, mask, y_old = _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
+                                           pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_out, BLOCK_R)
     offs_r = tl.arange(0, BLOCK_R)
     t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for s in range(splits):
         part = buf_ptr + ((s * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
         t += tl.load(part, mask=m_mask[:, None] & (offs_r[None, :] < rank), other=0.0)
-    t *= tl.load(scalings_ptr + slot)
-    _expand_tile(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, t, pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
-                 n_out, DOT_PRECISION, BLOCK_R)
+    _expand_store(t * tl.load(scalings_ptr + slot), bt, y_tile, mask, y_old, DOT_PRECISION)
 
 
 class Plan:
@@ -122,6 +127,7 @@ class Plan:
         self.block_r = max(16, triton.next_power_of_2(self.max_rank))  # tl.dot needs dimensions >= 16
         self.block_k = 128 if self.block_r <= 32 else 64
         self.block_n = 128
+        self.num_warps = 4
         self.blocks = meta.blocks(self.block_m)
         self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, self.blocks.shape[0] * num_slices,
                                                        x.device)
@@ -151,7 +157,8 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
     _sgmv_expand_kernel[(plan.blocks.shape[0], triton.cdiv(plan.max_out, plan.block_n), num_slices)](
         y, y.stride(0), y.stride(1), buf, table, plan.blocks, meta.sorted_rows,
         ranks if ranks is not None else table, scalings, t, max_rank, splits, HAS_RANKS=ranks is not None,
-        DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r)
+        DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r,
+        num_warps=plan.num_warps)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
