@@ -194,3 +194,31 @@ def test_demo_model_greedy_chat_matches_transformers(tmp_path):
         assert text == tokenizer.decode(expected, skip_special_tokens=True)
         if question.endswith("France?"):
             assert "Paris" in text
+
+
+def test_demo_adapters_in_one_batch_match_peft(tmp_path):
+    from peft import PeftModel
+
+    from deploy.demo import DEMO_ADAPTERS, demo_model_dir
+
+    model_dir = demo_model_dir()
+    core = make_core(model_dir, tmp_path, num_kv_blocks=64)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(prompt).input_ids
+    loras = [LoRARequest(name, str(path)) for name, path in DEMO_ADAPTERS.items()]
+    preload(core, loras)
+    params = SamplingParams(max_tokens=16, temperature=0)
+    seqs = [core.make_sequence(prompt, params, lora) for lora in [*loras, None]]
+    tokens = run_to_end(core, seqs)
+    for seq, lora in zip(seqs, [*loras, None], strict=True):
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if lora is not None:
+            ref = PeftModel.from_pretrained(ref, lora.uri).merge_and_unload()
+        with torch.no_grad():
+            expected = ref.eval().generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[
+                0, len(ids) :
+            ]
+        assert tokens[seq.request_id] == expected.tolist(), lora
