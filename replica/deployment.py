@@ -202,6 +202,7 @@ class EngineReplica:
         )
         self._metrics = PrometheusEngineMetrics(self.replica_id)
         self._engine = Engine(config, store=self._store, metrics=self._metrics)
+        self._slots = config.max_loras
         start_node_exporter()
 
         # Ray Serve's own view of which adapters this replica holds (the multiplexed model
@@ -247,6 +248,7 @@ class EngineReplica:
         return {
             "queue_len": stats["num_waiting"] + stats["num_running"],
             "resident_adapters": list(stats["resident_adapters"]),
+            "slots": self._slots,
             "reported_at": time.time(),
         }
 

@@ -1,7 +1,10 @@
 """Adapter-affinity placement: a Ray Serve request router for the engine deployment.
 
 Each adapter id has its own order of the live replicas (rendezvous hashing), so it keeps
-landing where its weights are already in a GPU slot. A replica whose load is over
+landing where its weights are already in a GPU slot. Its home is the first replica in that
+order that is home to fewer recently requested adapters than it has GPU slots (consistent
+hashing with bounded loads, counted in adapters): hashing alone gives some replica more
+adapters than slots, and those would evict each other forever. A replica whose load is over
 (1 + epsilon) x the mean load plus a constant is skipped for the next one in that order:
 a hot adapter spreads over a few replicas while a cold one stays on one. Base-only
 requests take the less loaded of two random replicas.
@@ -25,6 +28,7 @@ from router.metrics import ROUTING_DECISIONS
 STAT_QUEUE_LEN = "queue_len"
 STAT_RESIDENT = "resident_adapters"
 STAT_TIME = "reported_at"  # time.time() on the replica
+STAT_SLOTS = "slots"  # the replica's GPU adapter slots (max_loras)
 
 
 def rendezvous_order(key: str, replica_ids: Sequence[str]) -> list[str]:
@@ -64,7 +68,7 @@ class AdapterAffinityRouter(RequestRouter):
     kwargs (request_router_kwargs): epsilon (default 0.5), slack (default 4.0),
     affinity_wait_s (default 1.0: how long a request waits for its preferred replicas to accept
     before any replica may take it), stats_max_age_s (default 1.0: older reported queue lengths
-    are ignored).
+    are ignored), home_ttl_s (default 300: an adapter not asked for that long gives up its home).
     """
 
     def initialize_state(
@@ -73,6 +77,7 @@ class AdapterAffinityRouter(RequestRouter):
         slack: float = 4.0,
         affinity_wait_s: float = 1.0,
         stats_max_age_s: float = 1.0,
+        home_ttl_s: float = 300.0,
         **_: object,
     ) -> None:
         if epsilon < 0:
@@ -83,6 +88,9 @@ class AdapterAffinityRouter(RequestRouter):
         self._slack = float(slack)
         self._affinity_wait_s = float(affinity_wait_s)
         self._stats_max_age_s = float(stats_max_age_s)
+        self._home_ttl_s = float(home_ttl_s)
+        # adapter id -> (its home replica's unique id, when it was last asked for)
+        self._homes: dict[str, tuple[str, float]] = {}
         # The `replica` label of the routing counter: the replica this router runs in.
         self._metrics_replica = _own_replica_id()
         # Requests this router has in flight per replica: fresher than the periodic stats.
@@ -106,6 +114,26 @@ class AdapterAffinityRouter(RequestRouter):
         reported = stats.get(STAT_QUEUE_LEN, 0) if fresh else 0
         return float(max(self._inflight.get(replica.replica_id, 0), reported))
 
+    def _home_first(self, adapter: str, by_id: Mapping[str, RunningReplica]) -> list[str]:
+        """The adapter's hash order of the live replicas with its home moved to the front."""
+        order = rendezvous_order(adapter, list(by_id))
+        now = time.monotonic()
+        home = self._homes.get(adapter, ("", 0.0))[0]
+        if home not in by_id:
+            # Adapters nobody asked for lately no longer hold a place (expired here only, where
+            # the counts matter, to keep the common path short).
+            self._homes = {a: h for a, h in self._homes.items() if now - h[1] <= self._home_ttl_s}
+            homed = Counter(uid for a, (uid, _) in self._homes.items() if a != adapter)
+
+            def has_room(uid: str) -> bool:
+                slots = (by_id[uid].routing_stats or {}).get(STAT_SLOTS)
+                return slots is None or homed[uid] < slots
+
+            # With more adapters than the fleet has slots, plain hashing is the best there is.
+            home = next((uid for uid in order if has_room(uid)), order[0])
+        self._homes[adapter] = (home, now)
+        return [home] + [uid for uid in order if uid != home]
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
@@ -125,11 +153,11 @@ class AdapterAffinityRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         waiting = self._waiting_on()
         loads = {uid: self._load(r) + waiting[uid] for uid, r in by_id.items()}
-        order = rendezvous_order(adapter, list(by_id))
+        order = self._home_first(adapter, by_id)
         within, over = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
-        # Preferred: the replicas within the bound that already hold the adapter (its first
-        # replica, or others it spilled to), then the first replica in its hash order within
-        # the bound, which loads it.
+        # Preferred: the replicas within the bound that already hold the adapter (its home,
+        # or others it spilled to), then the first replica in its order within the bound (its
+        # home, unless that is over the bound), which loads it.
         holding = {uid for uid, r in by_id.items() if adapter in (r.routing_stats or {}).get(STAT_RESIDENT, ())}
         holders = [uid for uid in within if uid in holding]
         preferred = holders + [uid for uid in within[:1] if uid not in holders]
@@ -152,8 +180,8 @@ class AdapterAffinityRouter(RequestRouter):
         if not adapter:
             decision = "base"
         else:
-            live = [r.unique_id for r in self._replicas]
-            decision = "affine" if rendezvous_order(adapter, live)[:1] == [replica_id.unique_id] else "spilled"
+            home = self._homes.get(adapter, ("", 0.0))[0]
+            decision = "affine" if home == replica_id.unique_id else "spilled"
         ROUTING_DECISIONS.labels(replica=self._metrics_replica, decision=decision).inc()
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

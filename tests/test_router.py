@@ -239,3 +239,30 @@ async def _waiting():
     placed = [(await _choose(router, replicas, _request("hot", f"q{i}")))[0][0] for i in range(6)]
     # None is routed yet: each waits on its first choice, and the bound moves the later ones on.
     assert placed[0] == order[0] and len(set(placed)) >= 2
+
+
+def test_homes_never_give_a_replica_more_adapters_than_slots():
+    asyncio.run(_homes())
+
+
+async def _homes():
+    uids = ["r0", "r1", "r2"]
+    adapters = [f"ad-{i}" for i in range(6)]
+    # Plain hashing puts more than 2 of these on some replica: the case homes exist for.
+    assert max(Counter(rendezvous_order(a, uids)[0] for a in adapters).values()) > 2
+    router = _router(epsilon=0.5, slack=2.0)
+    replicas = [_replica(u) for u in uids]
+    for r in replicas:
+        r.routing_stats["slots"] = 2
+    homes = {a: (await _choose(router, replicas, _request(a, f"h-{a}")))[0][0] for a in adapters}
+    assert Counter(homes.values()) == dict.fromkeys(uids, 2)
+    # Each home is the first replica in the adapter's hash order that had room when it came.
+    for i, a in enumerate(adapters):
+        earlier = Counter(homes[b] for b in adapters[:i])
+        order = rendezvous_order(a, uids)
+        assert homes[a] == next(u for u in order if earlier[u] < 2)
+    # Homes are sticky: asked again, each adapter goes home first.
+    for i, a in enumerate(adapters):
+        assert (await _choose(router, replicas, _request(a, f"again-{i}")))[0] == [homes[a]]
+    # With every slot taken, a new adapter falls back to its plain hash order.
+    assert (await _choose(router, replicas, _request("ad-new", "n")))[0] == [rendezvous_order("ad-new", uids)[0]]
