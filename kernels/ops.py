@@ -9,7 +9,7 @@ import torch
 from kernels.meta import LoRAMeta, _describe
 from kernels.reference import add_lora_gather_bmm, add_lora_loop, add_lora_torch
 
-BACKENDS = ("torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "triton_fused", "cuda", "auto")
+BACKENDS = ("torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "triton_sgmv_pdl", "cuda", "auto")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -60,10 +60,10 @@ def resolve_backend(backend: str, y: torch.Tensor, x: torch.Tensor, lora_a: tupl
         from kernels.triton_bgmv import add_lora_bgmv
 
         return add_lora_bgmv
-    if backend == "triton_fused":
-        from kernels.triton_fused import add_lora_fused
+    if backend == "triton_sgmv_pdl":
+        from kernels.triton_sgmv import add_lora_sgmv_pdl
 
-        return add_lora_fused
+        return add_lora_sgmv_pdl
     from kernels.cuda import add_lora_cuda  # "cuda"; the name was checked up front
 
     return add_lora_cuda

@@ -4,9 +4,12 @@ partial sums per split of `in` (decode has too few rows to fill the GPU otherwis
 multiplies by B and the slot's scaling and adds into y.
 
 A one-launch variant (each program repeating its rows' shrink before expanding its columns) was
-measured on an H100 and dropped: the serial shrink made it 2-5x slower than two launches."""
+measured on an H100 and dropped: the serial shrink made it 2-5x slower than two launches; so was one
+with split shrink programs handing over to expand programs through per-group counters (1.2-5x slower).
+Instead, triton_sgmv_pdl overlaps the second launch with the first (programmatic dependent launch)."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -77,7 +80,9 @@ def _expand_store(t, bt, y_tile, mask, y_old, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr, buf_ptr,
                         T, K, R, k_per_split, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # the expand may start now: it waits for this launch before it reads the partials
+        tl.extra.cuda.gdc_launch_dependents()
     pid_b, pid_k, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot, rows, m_mask = _segment_rows(blocks_ptr, sorted_rows_ptr, pid_b, BLOCK_M)
     if slot < 0:
@@ -94,7 +99,7 @@ def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr,
 @triton.jit
 def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr,
                         scalings_ptr, T, R, splits, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     pid_b, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slice_row = table_ptr + j * 10
     n_out = tl.load(slice_row + 8)
@@ -104,6 +109,8 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     bt, y_tile, mask, y_old = _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
                                            pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_out, BLOCK_R)
+    if PDL:  # B and y (written before the shrink started) are loaded; the partials need the shrink done
+        tl.extra.cuda.gdc_wait()
     offs_r = tl.arange(0, BLOCK_R)
     t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for s in range(splits):
@@ -128,6 +135,7 @@ class Plan:
         self.block_k = 128 if self.block_r <= 32 else 64
         self.block_n = 128
         self.num_warps = 4
+        self.pdl = False
         self.blocks = meta.blocks(self.block_m)
         self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, self.blocks.shape[0] * num_slices,
                                                        x.device)
@@ -144,7 +152,8 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
     _sgmv_shrink_kernel[(plan.blocks.shape[0], plan.splits, num_slices)](
         x, x.stride(0), x.stride(1), table, plan.blocks, meta.sorted_rows, ranks if ranks is not None else table,
         buf, t, plan.k, plan.max_rank, plan.k_per_split, HAS_RANKS=ranks is not None,
-        DOT_PRECISION=_precision(x), BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k)
+        DOT_PRECISION=_precision(x), BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k,
+        PDL=plan.pdl)
     return buf
 
 
@@ -158,15 +167,30 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
         y, y.stride(0), y.stride(1), buf, table, plan.blocks, meta.sorted_rows,
         ranks if ranks is not None else table, scalings, t, max_rank, splits, HAS_RANKS=ranks is not None,
         DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r,
-        num_warps=plan.num_warps)
+        PDL=plan.pdl, launch_pdl=plan.pdl, num_warps=plan.num_warps)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
                   lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor,
-                  ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int]) -> None:
+                  ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int], *, pdl: bool = False) -> None:
     plan = Plan(x, lora_a, lora_b, meta)
+    plan.pdl = pdl and supports_pdl(x.device)
     buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets, plan)
     expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, plan)
+
+
+def add_lora_sgmv_pdl(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                      lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor,
+                      ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int]) -> None:
+    """triton_sgmv with the expand launched as a programmatic dependent launch (Hopper and later): it
+    starts while the shrink runs and loads its B and y tiles, hiding most of a second launch."""
+    add_lora_sgmv(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, pdl=True)
+
+
+@functools.cache
+def supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: sm_90 and later (elsewhere, incl. the interpreter, plain launches)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _precision(t: torch.Tensor) -> str:

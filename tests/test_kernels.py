@@ -14,7 +14,7 @@ from kernels import LoRAMeta, add_lora, add_lora_slices
 # KERNELS_TEST_DEVICE=cuda runs the backend tests on a GPU, with the cuda backend and bf16 too.
 DEVICE = os.environ.get("KERNELS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"
-CPU_BACKENDS = ("loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "triton_fused", *(("cuda",) if ON_GPU else ()))
+CPU_BACKENDS = ("loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "triton_sgmv_pdl", *(("cuda",) if ON_GPU else ()))
 DTYPES = (torch.float32, torch.float16, *((torch.bfloat16,) if ON_GPU else ()))
 TOL = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -142,7 +142,7 @@ def test_backend_matches_reference(backend: str, case: str, dtype: torch.dtype) 
     assert_matches_reference(c, backend)
 
 
-@pytest.mark.parametrize("backend", ["triton_sgmv", "triton_bgmv", "triton_fused"])
+@pytest.mark.parametrize("backend", ["triton_sgmv", "triton_bgmv"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_reduction_split_among_programs(case: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With many programs wanted (as on a GPU), the reduction over `in` is cut in parts that expand sums."""
@@ -237,27 +237,5 @@ def test_bad_slice_lists_are_rejected() -> None:
 
 def test_package_exports_the_contract() -> None:
     assert set(kernels.BACKENDS) == {"torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv",
-                                     "triton_fused", "cuda", "auto"}
+                                     "triton_sgmv_pdl", "cuda", "auto"}
 
-
-# --- triton_fused: shrink and expand in one launch, handing over through counters -----------------------
-
-def test_fused_leaves_its_counters_zero_and_repeats_exactly() -> None:
-    """The counters must be zero again after every launch (the next layer and CUDA-graph replays reuse
-    them), and partials are summed in a fixed order, so repeated calls give identical results."""
-    from kernels import triton_fused
-
-    c = make_case(37, 48, (40, 16), 5, 16, torch.float32, seed=3, device=DEVICE)
-    first = run(c, "triton_fused")
-    for _ in range(2):
-        assert torch.equal(run(c, "triton_fused"), first)
-        assert not triton_fused._counters[c["x"].device].any()
-    assert_matches_reference(c, "triton_fused")
-
-
-def test_fused_widens_tiles_to_bound_expanders(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels import triton_fused
-
-    monkeypatch.setattr(triton_fused, "MAX_EXPANDERS", 2)  # 2 expanders per group: tiles cover 4 x 128 columns
-    c = make_case(21, 40, (300, 24), 4, 8, torch.float32, seed=5, device=DEVICE)
-    assert_matches_reference(c, "triton_fused")
