@@ -25,7 +25,8 @@ def main() -> None:
     meta = LoRAMeta.build(slot_ids, slots)
     print(f"add_lora on {device} ({dtype}): T={t} rows, in={d_in}, out={d_out}, {slots} adapter slots of "
           f"rank {rank}, {int((slot_ids < 0).sum())} rows without adapter")
-    backends = ["torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv", *(["cuda"] if on_gpu else [])]
+    backends = ["torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv",
+                *(["triton_sgmv_pdl", "cuda"] if on_gpu else [])]
     want = None
     for backend in backends:
         y = y0.clone()
