@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from benchmarks.common import save
+from deploy.config import RouterOptions
 from deploy.testing import deploy, make_adapters, make_model, scrape, start_ray, stop_fleet, total
 
 NUM_REPLICAS = 4
@@ -95,7 +96,7 @@ def run_policy(root: Path, http_port: int, policy: str, adapters: dict[str, str]
         "tenants": [{"name": "bench", "adapters": ["*"]}],
         "engine": {**ENGINE, "adapter_cache_dir": str(root / "cache")},
         "replicas": {"num_replicas": NUM_REPLICAS, "num_cpus": 0.25, "max_ongoing_requests": MAX_BATCH},
-        "router": {"policy": policy, "routing_stats_period_s": 0.5},
+        "router": {"policy": policy, "routing_stats_period_s": 0.5, "epsilon": args.epsilon, "slack": args.slack},
     }
     fleet = deploy(root, http_port, config, ["bench"], name=f"fleet-{policy}")
     ids = sorted(adapters, key=lambda a: int(a.split("-")[1]))
@@ -161,6 +162,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2400)
     parser.add_argument("--concurrency", type=int, default=48)
+    defaults = RouterOptions()
+    parser.add_argument("--epsilon", type=float, default=defaults.epsilon, help="our router's load bound")
+    parser.add_argument("--slack", type=float, default=defaults.slack, help="our router's load bound")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lf-bench-fleet") as tmp:
         root = Path(tmp)
@@ -172,6 +176,7 @@ def main() -> None:
                 "replicas": NUM_REPLICAS, "slots_per_replica": SLOTS, "adapters": NUM_ADAPTERS, "zipf_s": ZIPF_S,
                 "requests_per_router": args.requests, "warmup_requests": args.requests // 10,
                 "concurrency": args.concurrency, "max_tokens": 8, "device": "cpu (2 cores)",
+                "epsilon": args.epsilon, "slack": args.slack,
             }
             for policy in ("affinity", "default"):
                 results[policy] = run_policy(root, http_port, policy, adapters, model_dir, args)

@@ -80,7 +80,7 @@ class EngineOptions(_Section):
     block_size: int = Field(default=16, gt=0)
     max_waiting: int = Field(default=1024, gt=0)
     max_model_len: int | None = Field(default=None, gt=0)
-    kernel_backend: Literal["auto", "torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "cuda"] = "auto"
+    kernel_backend: Literal["auto", "torch", "loop", "gather_bmm", "triton_sgmv", "triton_sgmv_pdl", "triton_bgmv", "cuda"] = "auto"
     adapter_cache_dir: str | None = None
     s3: S3Config | None = None
 
