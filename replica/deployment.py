@@ -48,6 +48,7 @@ if os.environ.get(ENV_METRICS_DIR):
     os.makedirs(os.environ[ENV_METRICS_DIR], exist_ok=True)
 
 from storage import AdapterError, AdapterNotFound, AdapterStore, BaseModelSpec, StorageUnavailable  # noqa: E402
+from storage.cache import pid_alive  # noqa: E402
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -92,19 +93,9 @@ class LiveMultiProcessCollector(MultiProcessCollector):
     def collect(self) -> Iterator[Metric]:
         for path in glob.glob(os.path.join(self._dir, "gauge_live*_*.db")):
             pid = int(os.path.basename(path).rsplit("_", 1)[1].removesuffix(".db"))
-            if not _alive(pid):
+            if not pid_alive(pid):
                 mark_process_dead(pid, self._dir)
         return super().collect()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def serve_node_metrics(path: str, port: int, host: str) -> bool:

@@ -121,7 +121,7 @@ class DiskCache:
         """Temp folders of this host's processes that no longer exist (a writer killed mid-download)."""
         for path in self._tmp.iterdir():
             host, pid, _ = path.name.rsplit(".", 2) if path.name.count(".") >= 2 else ("", "", "")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -138,7 +138,8 @@ def _key(uri: str, version: str) -> str:
     return hashlib.sha256(f"{uri}\n{version}".encode()).hexdigest()[:32]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
