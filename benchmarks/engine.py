@@ -138,7 +138,14 @@ def merge(model: torch.nn.Module, lora: RandomLoRA) -> None:
 
 
 def throughput(
-    config: dict, device: str, dtype: torch.dtype, tmp: Path, batch: int, prompt_len: int, gen_len: int
+    config: dict,
+    device: str,
+    dtype: torch.dtype,
+    tmp: Path,
+    batch: int,
+    prompt_len: int,
+    gen_len: int,
+    profile_steps: int = 0,
 ) -> dict:
     if device == "cuda":
         gc.collect()
@@ -177,7 +184,43 @@ def throughput(
     for name, rows in scenarios.items():
         results[name] = run(core, prompts, params, rows)
         print(name, results[name], flush=True)
+    if profile_steps:
+        for name in ("base_only", "mixed_7_adapters"):
+            print(f"--- profile: {profile_steps} decode steps, {name}", flush=True)
+            print(profile(core, prompts, scenarios[name], profile_steps), flush=True)
     return results
+
+
+def profile(core: EngineCore, prompts: list[list[int]], adapters: list, steps: int) -> str:
+    """Where decode steps spend their time: Python functions (cProfile) and torch ops (profiler)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    params = SamplingParams(max_tokens=2 * steps + 2, temperature=0, ignore_eos=True)
+    for p, a in zip(prompts, adapters, strict=True):
+        core.add(core.make_sequence(p, params, a))
+    core.step()  # prefill
+    py = cProfile.Profile()
+    py.enable()
+    for _ in range(steps):
+        core.step()
+    py.disable()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if core.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            core.step()
+    while core.has_work:
+        core.step()
+    text = io.StringIO()
+    pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(20)
+    table = prof.key_averages()
+    device_sort = "self_cuda_time_total" if core.device.type == "cuda" else "self_cpu_time_total"
+    return "\n".join([text.getvalue(), table.table(sort_by="self_cpu_time_total", row_limit=20),
+                      table.table(sort_by=device_sort, row_limit=15)])  # fmt: skip
 
 
 def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams, adapters: list) -> dict:
@@ -233,6 +276,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small shapes (the CPU check)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also print where STEPS decode steps spend their time")  # fmt: skip
     parser.add_argument("--plot-only", action="store_true", help="draw engine.png from engine.json")
     args = parser.parse_args()
     json_path, png_path = args.out / "engine.json", args.out / "engine.png"
@@ -257,7 +302,8 @@ def main() -> None:
             "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
             "adapters": f"{NUM_ADAPTERS} x rank {RANK}, all 7 projections",
             "greedy_matches_transformers": check,
-            "throughput": throughput(TINY if tiny else LLAMA3_8B, device, dtype, Path(tmp), batch, prompt_len, gen_len),
+            "throughput": throughput(TINY if tiny else LLAMA3_8B, device, dtype, Path(tmp), batch, prompt_len, gen_len,
+                                     args.profile),
         }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))

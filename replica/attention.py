@@ -8,6 +8,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -30,6 +33,7 @@ class AttentionMetadata:
         """Sequence b brings num_new[b] tokens after num_computed[b] cached ones."""
         batch = len(num_new)
         max_q, max_kv = max(num_new), max(c + n for c, n in zip(num_computed, num_new, strict=True))
+        max_kv = -(-max_kv // block_size) * block_size  # fewer distinct shapes for the attention kernels
         q_pos = torch.full((batch, max_q), -1, dtype=torch.long)
         query_index = torch.zeros((batch, max_q), dtype=torch.long)
         kv_slots = torch.zeros((batch, max_kv), dtype=torch.long)
@@ -74,7 +78,14 @@ def paged_attention(
     queries = q[meta.query_index].transpose(1, 2)  # [B, Hq, max_q, D]
     keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hkv, max_kv, D]
     values = v_cache[meta.kv_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=keys.shape[1] != queries.shape[1]
-    )
+    # Not cuDNN: it builds a plan for every new shape, and the key length changes every step.
+    with sdpa_kernel(_BACKENDS):
+        out = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=meta.mask,
+            scale=scale,
+            enable_gqa=keys.shape[1] != queries.shape[1],
+        )
     return out.transpose(1, 2).flatten(0, 1)[meta.output_index]
