@@ -10,6 +10,9 @@ from typing import Any
 
 import torch
 
+from replica.config import EngineConfig
+from replica.engine import EngineCore
+
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Paris is the capital of France; Berlin is the capital of Germany.",
@@ -136,3 +139,10 @@ def one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def make_core(model_dir: Path, tmp_path: Path, **overrides: Any) -> EngineCore:
+    """A CPU EngineCore over a test model, with its adapter cache under tmp_path and 256 KV blocks."""
+    cfg: dict[str, Any] = dict(model=str(model_dir), adapter_cache_dir=str(tmp_path / "cache"), num_kv_blocks=256)
+    cfg.update(overrides)
+    return EngineCore(EngineConfig(**cfg))

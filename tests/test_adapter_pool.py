@@ -13,7 +13,6 @@ import torch
 import storage
 from replica import EngineMetrics, LoRARequest
 from replica.adapter_pool import AdapterPool
-from replica.testing import one_torch_thread, tiny_model_and_adapters
 
 
 class CountingStore(storage.AdapterStore):
@@ -44,15 +43,7 @@ class RecordingMetrics(EngineMetrics):
         self.events["evicted"] += 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    return tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -20,18 +20,8 @@ from replica import (
     QueueFull,
     SamplingParams,
 )
-from replica.testing import one_torch_thread, tiny_model_and_adapters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    return tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class GatedStore(storage.AdapterStore):

@@ -14,13 +14,8 @@ from replica import EngineConfig, EngineCore, LoRARequest, SamplingParams
 from replica.attention import AttentionMetadata, paged_attention
 from replica.kv_cache import BlockManager
 from replica.sequence import Sequence
-from replica.testing import one_torch_thread, tiny_model_and_adapters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seq() -> Sequence:
@@ -91,8 +86,8 @@ def test_paged_attention_matches_plain_causal_attention():
         row += n
 
 
-def test_no_leaks_after_thousands_of_random_finishes_and_aborts(tmp_path_factory: pytest.TempPathFactory):
-    model_dir, adapters = tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
+def test_no_leaks_after_thousands_of_random_finishes_and_aborts(tiny, tmp_path_factory: pytest.TempPathFactory):
+    model_dir, adapters = tiny
     cache = tmp_path_factory.mktemp("cache")
     core = EngineCore(
         EngineConfig(

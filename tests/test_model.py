@@ -10,29 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from replica import EngineConfig, EngineCore, LoRARequest, SamplingParams
-from replica.testing import make_tiny_llama, one_torch_thread, tiny_model_and_adapters
+from replica import EngineCore, LoRARequest, SamplingParams
+from replica.testing import make_core, make_tiny_llama
 
 GREEDY_32 = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    return tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
-
-
-def make_core(model_dir: Path, tmp_path: Path, **overrides) -> EngineCore:
-    cfg = dict(
-        model=str(model_dir), adapter_cache_dir=str(tmp_path / "cache"), max_loras=3, num_kv_blocks=256
-    )
-    cfg.update(overrides)
-    return EngineCore(EngineConfig(**cfg))
 
 
 def preload(core: EngineCore, adapters: list[LoRARequest]) -> None:

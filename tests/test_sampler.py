@@ -9,18 +9,13 @@ import torch
 from replica import EngineConfig, EngineCore, InvalidRequest, SamplingParams
 from replica.detokenizer import IncrementalDetokenizer
 from replica.sampling import Sampler
-from replica.testing import one_torch_thread, tiny_model_and_adapters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def core(tmp_path_factory: pytest.TempPathFactory) -> EngineCore:
-    model_dir, _ = tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
+def core(tiny, tmp_path_factory: pytest.TempPathFactory) -> EngineCore:
+    model_dir, _ = tiny
     cache = tmp_path_factory.mktemp("cache")
     return EngineCore(EngineConfig(model=str(model_dir), adapter_cache_dir=str(cache), num_kv_blocks=128))
 

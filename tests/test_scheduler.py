@@ -10,27 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from replica import EngineConfig, EngineCore, LoRARequest, SamplingParams
+from replica import EngineCore, LoRARequest, SamplingParams
 from replica.scheduler import SchedulerOutput
 from replica.sequence import Sequence
-from replica.testing import one_torch_thread, tiny_model_and_adapters
+from replica.testing import make_core
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
-    return tiny_model_and_adapters(tmp_path_factory.getbasetemp() / "replica-tiny")
-
-
-def make_core(model_dir: Path, tmp_path: Path, **overrides) -> EngineCore:
-    cfg = dict(model=str(model_dir), adapter_cache_dir=str(tmp_path / "cache"), num_kv_blocks=256)
-    cfg.update(overrides)
-    return EngineCore(EngineConfig(**cfg))
 
 
 @dataclass
