@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from replica import EngineConfig, EngineCore, LoRARequest, SamplingParams
-from replica.loader import read_config
-from replica.model import ModelArgs
 from replica.testing import make_tiny_llama, make_tokenizer
+from storage import BaseModelSpec
 
 RESULTS_DIR = Path(__file__).parent / "results"
 LLAMA3_8B = dict(
@@ -43,8 +42,8 @@ NUM_ADAPTERS, RANK = 7, 16
 
 @dataclass(frozen=True)
 class RandomLoRA:
-    """In-memory adapter weights with the fields the adapter pool reads from storage.LoRAWeights
-    (the GPU machine has no boto3, which storage needs)."""
+    """In-memory adapter weights with the fields the adapter pool reads from storage.LoRAWeights:
+    random weights for an 8B-shaped model, with no files to write or validate."""
 
     name: str
     rank: int
@@ -78,8 +77,8 @@ def greedy_check(device: str, dtype: torch.dtype, tmp: Path) -> dict:
         tmp / "check-llama", seed=0, dtype=dtype, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=2, initializer_range=0.1, rope_scaling=None,
     )  # fmt: skip
-    shape = ModelArgs.from_config(read_config(model_dir))
-    store = RandomAdapterStore(shape.module_shapes(), shape.num_layers, rank=8, std=0.1)
+    shape = BaseModelSpec.from_pretrained(model_dir)
+    store = RandomAdapterStore(shape.module_shapes, shape.num_layers, rank=8, std=0.1)
     adapter = LoRARequest("check", "random://check")
     core = EngineCore(EngineConfig(model=str(model_dir), dtype=_name(dtype), device=device, num_kv_blocks=64),
                       store=store)  # fmt: skip
@@ -160,9 +159,9 @@ def throughput(
         model=str(model_dir), load_format="dummy", dtype=_name(dtype), device=device, max_num_seqs=batch,
         max_num_batched_tokens=batch * prompt_len, max_loras=8, max_lora_rank=RANK, num_kv_blocks=blocks,
     )  # fmt: skip
-    shape = ModelArgs.from_config(config)
+    shape = BaseModelSpec.from_config(config)
     start = time.perf_counter()
-    core = EngineCore(cfg, store=RandomAdapterStore(shape.module_shapes(), shape.num_layers))
+    core = EngineCore(cfg, store=RandomAdapterStore(shape.module_shapes, shape.num_layers))
     load_s = time.perf_counter() - start
     adapters = [LoRARequest(f"tenant{i}", f"random://{i}") for i in range(NUM_ADAPTERS)]
     for a in adapters:

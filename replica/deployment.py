@@ -47,7 +47,7 @@ ENV_METRICS_HOST = "LORAFLEET_METRICS_HOST"
 if os.environ.get(ENV_METRICS_DIR):
     os.makedirs(os.environ[ENV_METRICS_DIR], exist_ok=True)
 
-from storage import AdapterError, AdapterNotFound, AdapterStore, BaseModelSpec, StorageUnavailable  # noqa: E402
+from storage import AdapterError, AdapterNotFound, StorageUnavailable  # noqa: E402
 from storage.cache import pid_alive  # noqa: E402
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -185,14 +185,8 @@ class EngineReplica:
         config = EngineConfig(**engine)
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else "local"
-        self._store = AdapterStore(
-            BaseModelSpec.from_pretrained(config.model),
-            cache_dir=config.adapter_cache_dir,
-            max_rank=config.max_lora_rank,
-            s3=config.s3,
-        )
         self._metrics = PrometheusEngineMetrics(self.replica_id)
-        self._engine = Engine(config, store=self._store, metrics=self._metrics)
+        self._engine = Engine(config, metrics=self._metrics)
         self._slots = config.max_loras
         start_node_exporter()
 
@@ -226,7 +220,7 @@ class EngineReplica:
     async def validate_adapter(self, uri: str) -> dict[str, Any] | None:
         """Load the adapter through storage (fetch, validate against the base model); the error or None."""
         try:
-            await asyncio.to_thread(self._store.load, uri)
+            await asyncio.to_thread(self._engine.core.pool.store.load, uri)
         except AdapterError as exc:
             return {**(error_dict(exc) or {}), "status": 400}
         return None

@@ -50,10 +50,12 @@ class EngineCore:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.eos_token_ids = _eos_token_ids(config.model, self.tokenizer)
         args = self.model.args
-        if store is None:
-            import storage  # only here: a caller passing its own store needs none of storage's deps
+        # Imported here, not with the module: storage creates its metrics on import, and the Ray
+        # shell (replica/deployment.py) must create the multiprocess metrics folder before that.
+        import storage
 
-            spec = storage.BaseModelSpec.from_pretrained(config.model)
+        spec = storage.BaseModelSpec.from_pretrained(config.model)
+        if store is None:
             kwargs = (
                 {}
                 if config.adapter_cache_max_bytes is None
@@ -69,8 +71,8 @@ class EngineCore:
         self.wakeup = threading.Event()  # set when something may have become runnable
         self.pool = AdapterPool(
             store,
-            args.module_shapes(),
-            args.num_layers,
+            spec.module_shapes,
+            spec.num_layers,
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
             max_rank=config.max_lora_rank,

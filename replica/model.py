@@ -66,24 +66,6 @@ class ModelArgs:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
-    def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """module -> (in_features, out_features) of every projection an adapter may target."""
-        q, kv, h, i = (
-            self.num_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-            self.hidden_size,
-            self.intermediate_size,
-        )
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
-
 
 @dataclass
 class LoRABatch:

@@ -11,11 +11,11 @@ import pathlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import boto3
-import botocore.config
-import botocore.exceptions
+if TYPE_CHECKING:
+    import boto3
 
 from storage.errors import (
     AccessDenied,
@@ -104,6 +104,8 @@ class S3Source:
     """Adapters under s3://bucket/prefix/, one adapter per "folder"."""
 
     def __init__(self, options: S3Options) -> None:
+        import botocore.config  # boto3 is needed only for s3:// sources (a GPU image may lack it)
+
         config = botocore.config.Config(
             connect_timeout=options.connect_timeout,
             read_timeout=options.read_timeout,
@@ -173,6 +175,8 @@ _session_lock = threading.Lock()
 
 @functools.cache
 def _boto_session() -> boto3.session.Session:
+    import boto3
+
     return boto3.session.Session()
 
 
@@ -199,6 +203,8 @@ _CHANGED = {"PreconditionFailed", "412"}
 @contextlib.contextmanager
 def s3_errors(uri: str, file: str | None = None) -> Iterator[None]:
     """Translate botocore's exceptions (after its own retries) into storage errors."""
+    import botocore.exceptions
+
     try:
         yield
     except botocore.exceptions.ClientError as e:
