@@ -81,6 +81,8 @@ class EngineOptions(_Section):
     max_waiting: int = Field(default=1024, gt=0)
     max_model_len: int | None = Field(default=None, gt=0)
     kernel_backend: Literal["auto", "torch", "loop", "gather_bmm", "triton_sgmv", "triton_sgmv_pdl", "triton_bgmv", "cuda"] = "auto"
+    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    enforce_eager: bool = False
     adapter_cache_dir: str | None = None
     s3: S3Config | None = None
 

@@ -38,6 +38,8 @@ class EngineConfig:
     max_waiting: int = 1024
     max_model_len: int | None = None  # None: the model's own limit
     kernel_backend: str = "auto"
+    attention_backend: str = "auto"  # decode attention: "triton" (auto on CUDA) or "torch" (auto elsewhere)
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (they are only used on CUDA)
     adapter_cache_dir: str | None = None
     adapter_cache_max_bytes: int | None = None
     s3: Any = None  # storage.S3Options, passed to storage.AdapterStore
@@ -50,6 +52,10 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"EngineConfig.attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}"
+            )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"EngineConfig.num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks!r}")
         if not 0 < self.kv_cache_memory_fraction <= 1:
