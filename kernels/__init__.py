@@ -9,5 +9,6 @@ if not torch.cuda.is_available():
 
 from kernels.meta import LoRAMeta
 from kernels.ops import BACKENDS, add_lora, add_lora_slices
+from kernels.paged_attention import paged_decode_attention
 
-__all__ = ["BACKENDS", "LoRAMeta", "add_lora", "add_lora_slices"]
+__all__ = ["BACKENDS", "LoRAMeta", "add_lora", "add_lora_slices", "paged_decode_attention"]
