@@ -1,6 +1,7 @@
-"""Paged attention in plain PyTorch: write the step's K/V into the cache, gather each
-sequence's keys through its block table, and attend with a causal mask. One path serves
-prefill (many query tokens, possibly after a cached prefix) and decode (one query token)."""
+"""Paged attention: write the step's K/V into the cache, then attend. Steps with prompt tokens
+gather each sequence's keys through its block table and run SDPA with a causal mask; decode
+steps (one new token per sequence) call the paged decode kernel, which reads the block tables
+itself and has fixed shapes, so a decode step can be captured in a CUDA graph."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import kernels
 
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -63,18 +66,34 @@ class AttentionMetadata:
         )
 
 
+@dataclass
+class DecodeMetadata:
+    """One new token per sequence; row b's keys are its first context_lens[b] cache tokens."""
+
+    slot_mapping: torch.Tensor  # int64 [B] cache slot of each new token
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    context_lens: torch.Tensor  # int32 [B] (0 on the padding rows of a CUDA-graph batch)
+    block_size: int
+    backend: str  # kernels.paged_decode_attention backend
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    meta: AttentionMetadata | DecodeMetadata,
     scale: float,
 ) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] for the step's tokens; returns [T, Hq, D]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if isinstance(meta, DecodeMetadata):
+        return kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+            block_size=meta.block_size, scale=scale, backend=meta.backend,
+        )  # fmt: skip
     queries = q[meta.query_index].transpose(1, 2)  # [B, Hq, max_q, D]
     keys = k_cache[meta.kv_slots].transpose(1, 2)  # [B, Hkv, max_kv, D]
     values = v_cache[meta.kv_slots].transpose(1, 2)

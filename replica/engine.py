@@ -108,6 +108,10 @@ class EngineCore:
             block_size=config.block_size,
             kernel_backend=config.kernel_backend,
             device=self.device,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            attention_backend=config.attention_backend,
+            cuda_graphs=not config.enforce_eager,
         )
         self.requests: dict[str, Sequence] = {}
         self.last_num_scheduled = 0
@@ -126,7 +130,7 @@ class EngineCore:
         else:
             budget = cfg.cpu_kv_cache_bytes
         useful = cfg.max_num_seqs * -(-max_len // cfg.block_size)  # more is never used
-        num_blocks = min(budget // per_block, useful)
+        num_blocks = min(budget // per_block - 1, useful)  # the cache adds one padding block
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
         return num_blocks

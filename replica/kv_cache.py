@@ -43,8 +43,9 @@ class BlockManager:
 
 
 class KVCache:
-    """One K and one V tensor per layer: [num_blocks * block_size, num_kv_heads, head_dim]
-    (token slots; a block is a run of block_size consecutive slots)."""
+    """One K and one V tensor per layer: [(num_blocks + 1) * block_size, num_kv_heads, head_dim]
+    (token slots; a block is a run of block_size consecutive slots). The extra block is never
+    handed out: the padding rows of a CUDA-graph batch write their K/V into it (pad_slot)."""
 
     def __init__(
         self,
@@ -56,7 +57,8 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        self.pad_slot = num_blocks * block_size
+        shape = ((num_blocks + 1) * block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 

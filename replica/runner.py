@@ -1,18 +1,26 @@
 """Turns a scheduled step into one forward pass: flat token batch, paged-attention
-metadata, the step's LoRA view (metadata built once, reused by every layer), sampling."""
+metadata, the step's LoRA view (metadata built once, reused by every layer), sampling.
+Decode steps (one new token per sequence) take a fixed-shape path: their inputs are packed
+into one static buffer, and on CUDA a captured graph replays the whole step."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import kernels
 from replica.adapter_pool import AdapterPool
-from replica.attention import AttentionMetadata
+from replica.attention import AttentionMetadata, DecodeMetadata
+from replica.cuda_graphs import DecodeGraphs
 from replica.kv_cache import KVCache
 from replica.model import LlamaModel, LoRABatch
 from replica.sampling import Sampler
 from replica.scheduler import SchedulerOutput
 from replica.sequence import Sequence
+
+# Columns of the packed decode inputs (int32, a row per sequence, its block table last): one
+# host-to-device copy per step.
+TOKEN, POSITION, CACHE_SLOT, CONTEXT_LEN, LORA_SLOT, BLOCKS = range(6)
 
 
 class ModelRunner:
@@ -25,6 +33,10 @@ class ModelRunner:
         block_size: int,
         kernel_backend: str,
         device: torch.device,
+        max_num_seqs: int,
+        max_model_len: int,
+        attention_backend: str = "auto",
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -33,11 +45,25 @@ class ModelRunner:
         self.kernel_backend = kernel_backend
         self.device = device
         self.sampler = Sampler()
+        if attention_backend == "auto":
+            attention_backend = "triton" if device.type == "cuda" else "torch"
+        self.attention_backend = attention_backend
+        shape = (max_num_seqs, BLOCKS + -(-max_model_len // block_size))
+        self._decode_host = torch.zeros(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self._decode_rows = self._decode_host.numpy()
+        self._decode_rows[:] = self._padding_row()
+        self._decode_inputs = self._decode_host.to(device)
+        self.graphs = None
+        if cuda_graphs and device.type == "cuda":
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self._decode_logits, self._decode_inputs, max_num_seqs)
 
     @torch.inference_mode()
     def forward(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
         """Compute the step's tokens; returns the sequences whose prompt is now complete and
         the logits [len, vocab] of their last token."""
+        if all(n == 1 for n in step.num_new):
+            return self._decode(step.seqs)
         ids: list[int] = []
         positions: list[int] = []
         slot_ids: list[int] = []
@@ -53,12 +79,16 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
+        lora = None
+        if max(slot_ids) >= 0:  # else a base-only step: skip every LoRA call
+            self.pool.wait_copies()
+            lora = self._lora_batch(torch.tensor(slot_ids, dtype=torch.int32, device=self.device))
         hidden = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
             self.kv_cache,
             attn,
-            self._lora_batch(slot_ids),
+            lora,
         )
         done, rows, end = [], [], 0
         for seq, n in zip(step.seqs, step.num_new, strict=True):
@@ -77,12 +107,52 @@ class ModelRunner:
         tokens = self.sampler(logits, [s.params for s in done], [s.generator for s in done])
         return list(zip(done, tokens, strict=True))
 
-    def _lora_batch(self, slot_ids: list[int]) -> LoRABatch | None:
-        if max(slot_ids) < 0:
-            return None  # base-only step: skip every LoRA call
+    def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        n, bs, rows = len(seqs), self.block_size, self._decode_rows
+        done, done_rows = [], []
+        for i, seq in enumerate(seqs):
+            pos, table = seq.num_computed, seq.block_table
+            row = rows[i]
+            row[:BLOCKS] = (seq.token_at(pos), pos, table[pos // bs] * bs + pos % bs, pos + 1, seq.slot)
+            row[BLOCKS : BLOCKS + len(table)] = table
+            seq.num_computed = pos + 1
+            if seq.num_computed == seq.num_tokens:  # else a prompt chunked down to one token
+                done.append(seq)
+                done_rows.append(i)
+        padded = self.graphs.bucket(n) if self.graphs is not None else n
+        rows[n:padded, :BLOCKS] = self._padding_row()[:BLOCKS]
+        inputs = self._decode_inputs[:padded]
+        inputs.copy_(self._decode_host[:padded], non_blocking=True)
+        use_lora = any(s.slot >= 0 for s in seqs)
+        if use_lora:
+            self.pool.wait_copies()
+        if self.graphs is not None:
+            logits = self.graphs.replay(padded, use_lora)
+        else:
+            logits = self._decode_logits(inputs, use_lora)
+        return done, logits[done_rows] if len(done_rows) < padded else logits
+
+    def _decode_logits(self, inputs: torch.Tensor, use_lora: bool) -> torch.Tensor:
+        """The decode forward over packed inputs; fixed shapes and no host sync (graph-capturable)."""
+        attn = DecodeMetadata(
+            slot_mapping=inputs[:, CACHE_SLOT].long(),
+            block_tables=inputs[:, BLOCKS:].contiguous(),
+            context_lens=inputs[:, CONTEXT_LEN].contiguous(),
+            block_size=self.block_size,
+            backend=self.attention_backend,
+        )
+        lora = self._lora_batch(inputs[:, LORA_SLOT].contiguous()) if use_lora else None
+        hidden = self.model(inputs[:, TOKEN].long(), inputs[:, POSITION].long(), self.kv_cache, attn, lora)
+        return self.model.compute_logits(hidden)
+
+    def _padding_row(self) -> np.ndarray:
+        """A row that attends to nothing and writes its K/V into the cache's padding block."""
+        row = np.zeros(self._decode_rows.shape[1], dtype=np.int32)
+        row[CACHE_SLOT], row[LORA_SLOT] = self.kv_cache.pad_slot, -1
+        return row
+
+    def _lora_batch(self, slots: torch.Tensor) -> LoRABatch:
         pool = self.pool
-        slots = torch.tensor(slot_ids, dtype=torch.int32, device=self.device)
-        pool.wait_copies()
         return LoRABatch(
             lora_a=pool.lora_a,
             lora_b=pool.lora_b,

@@ -9,6 +9,7 @@ import torch
 from replica import EngineConfig, EngineCore, InvalidRequest, SamplingParams
 from replica.detokenizer import IncrementalDetokenizer
 from replica.sampling import Sampler
+from replica.testing import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -146,3 +147,18 @@ def test_streamed_text_never_shows_part_of_a_stop_string():
         if hit:
             break
     assert hit and streamed == "abc STO and "
+
+
+def test_incremental_text_equals_decoding_the_whole_output(tmp_path):
+    """Token by token, the streamed text adds up to the full decode, also when characters span
+    several byte-level tokens (emoji, accents) and the output ends mid-character."""
+    tok = make_tokenizer(tmp_path)
+    text = "Héllo wörld 👋🏽 — naïve café, ünïcödé 中文 text! 🎉"
+    for ids in (tok(text).input_ids, tok(text).input_ids[:-1]):
+        detok = IncrementalDetokenizer(tok, tok("prompt words").input_ids, ())
+        streamed, out = "", []
+        for i, token in enumerate(ids):
+            out.append(token)
+            detok.update(out)
+            streamed += detok.take_text(finished=i == len(ids) - 1)
+        assert streamed == tok.decode(ids, skip_special_tokens=True)
