@@ -36,7 +36,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if q.shape[0] > 0:
-        run = _attention_triton if backend == "triton" else _attention_torch
+        run = attention_triton if backend == "triton" else _attention_torch
         run(q, k_cache, v_cache, block_tables, context_lens, block_size, float(scale), out)
     return out
 
@@ -137,25 +137,29 @@ def block_n(head_dim: int) -> int:
 
 
 def num_splits(batch: int, num_kv_heads: int, max_blocks: int, block_size: int, head_dim: int,
-               device: torch.device) -> int:
+               device: torch.device, keys_per_tile: int | None = None) -> int:
     """From shapes only (static for a CUDA graph): split the keys when (sequence, kv head) programs alone
     would leave SMs idle, into at most as many parts as the longest possible context has tiles."""
     programs = max(1, batch * num_kv_heads)
     sms = _num_sms(device)
     if programs >= sms:
         return 1
-    tiles = max(1, -(-max_blocks * block_size // block_n(head_dim)))
+    tiles = max(1, -(-max_blocks * block_size // (keys_per_tile or block_n(head_dim))))
     want = min(-(-2 * sms // programs), tiles, _MAX_SPLITS)
     return triton.next_power_of_2(want) if want > 1 else 1
 
 
-def _attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      context_lens: torch.Tensor, block_size: int, scale: float, out: torch.Tensor) -> None:
+def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, block_size: int, scale: float, out: torch.Tensor, *,
+                     keys_per_tile: int | None = None, num_warps: int = 4, num_stages: int = 2) -> None:
+    """The Triton path on checked arguments; the keyword arguments are the launch configuration, which
+    benchmarks/paged_attention.py sweeps."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_heads // num_kv_heads
     d_pad = triton.next_power_of_2(head_dim)
-    splits = num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, head_dim, q.device)
+    keys_per_tile = keys_per_tile or block_n(head_dim)
+    splits = num_splits(batch, num_kv_heads, block_tables.shape[1], block_size, head_dim, q.device, keys_per_tile)
     if splits > 1:
         part_m = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
@@ -167,8 +171,8 @@ def _attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         block_tables, block_tables.stride(0), context_lens, out, out.stride(0), out.stride(1),
         part_m, part_l, part_acc, scale * _LOG2E, block_size,
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=head_dim, D_PAD=d_pad,
-        BLOCK_N=block_n(head_dim), SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        BLOCK_N=keys_per_tile, SPLITS=splits, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _combine_kernel[(batch, num_heads)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1),
                                             D=head_dim, D_PAD=d_pad, SPLITS=splits, num_warps=4)
