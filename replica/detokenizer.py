@@ -15,7 +15,11 @@ _CONTEXT_TOKENS = 4
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
-        self._tokenizer = tokenizer
+        # The Rust tokenizer itself where that is all transformers' decode would do: its Python
+        # wrapper costs ~5x the decoding, paid for every sequence at every step.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._fast_decode = backend.decode if plain else tokenizer.decode
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])  # the context, then the output so far
         self._context = len(self._ids)
         # The window is _ids[_prefix:]; _ids[_prefix:_read] is already part of the text.
@@ -27,7 +31,7 @@ class IncrementalDetokenizer:
         self._sent = 0  # characters already streamed
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._fast_decode(ids, skip_special_tokens=True)
 
     def update(self, output_ids: list[int]) -> bool:
         """Decode the tokens added to output_ids since the last call; True when a stop string
