@@ -16,7 +16,7 @@ import triton.language as tl
 from kernels.meta import _describe
 
 BACKENDS = ("torch", "triton", "auto")
-HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+MIN_TRITON_HEAD_DIM = 16  # tl.dot needs 16 along the reduced dimension; other sizes are masked
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
@@ -31,10 +31,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     [num_cache_slots, Hkv, D]; returns [B, Hq, D] in q's dtype (into out if given). A sequence with no
     keys gets zeros. Checks are structural only (no device sync)."""
     _check(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, backend, out)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] > 0:
         run = attention_triton if backend == "triton" else _attention_torch
         run(q, k_cache, v_cache, block_tables, context_lens, block_size, float(scale), out)
@@ -188,8 +188,8 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b
     if q.stride(-1) != 1:
         raise ValueError(f"q: the last dimension must be contiguous, got strides {q.stride()}")
     batch, num_heads, head_dim = q.shape
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"q: head dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if head_dim < MIN_TRITON_HEAD_DIM and (backend == "triton" or (backend == "auto" and q.is_cuda)):
+        raise ValueError(f"q: the triton backend needs a head dim >= {MIN_TRITON_HEAD_DIM}, got {head_dim}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if (not isinstance(c, torch.Tensor) or c.dim() != 3 or c.dtype != q.dtype or c.device != q.device
                 or c.shape[2] != head_dim or not c.is_contiguous()):

@@ -81,7 +81,7 @@ def test_reference_matches_sdpa(heads: tuple[int, int], dtype: torch.dtype) -> N
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("head_dim", [16, 64, 80])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
 def test_triton_matches_reference(heads: tuple[int, int], head_dim: int, dtype: torch.dtype) -> None:
     c = make_case(LENS, *heads, head_dim, dtype, seed=head_dim + heads[1])
@@ -148,7 +148,7 @@ def _good() -> dict:
     (dict(backend="flash"), "backend"),
     (dict(q=torch.randn(2, 4, 32, dtype=torch.float64)), "q"),
     (dict(q=torch.randn(2, 4)), "q"),
-    (dict(q=torch.randn(2, 4, 48)), "q"),
+    (dict(q=torch.randn(2, 4, 8), backend="triton"), "q"),
     (dict(q=torch.randn(2, 4, 64)[..., ::2]), "q"),
     (dict(q=torch.randn(2, 5, 32)), "k_cache"),
     (dict(k_cache=torch.randn(64, 2, 16)), "k_cache"),
