@@ -19,6 +19,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,13 @@ def zipf_weights(n: int, s: float) -> list[float]:
 
 
 async def drive(base_url: str, key: str, adapters: list[str], weights: list[float], num_requests: int,
-                concurrency: int, seed: int) -> tuple[list[float], float]:
-    """Send num_requests completions from `concurrency` clients; latencies (s) and wall time."""
+                concurrency: int, seed: int) -> tuple[list[float], list[tuple[str, str]], float]:
+    """Send num_requests completions from `concurrency` clients; latencies (s), (adapter, replica)
+    of each request and wall time."""
     rng = random.Random(seed)
     plan = [(rng.choices(adapters, weights)[0], rng.choice(PROMPTS)) for _ in range(num_requests)]
     latencies: list[float] = []
+    placed: list[tuple[str, str]] = []
     headers = {"Authorization": f"Bearer {key}"}
 
     async def client(session: aiohttp.ClientSession) -> None:
@@ -69,22 +72,42 @@ async def drive(base_url: str, key: str, adapters: list[str], weights: list[floa
                 if r.status != 200:
                     raise RuntimeError(f"{r.status}: {await r.text()}")
             latencies.append(time.perf_counter() - start)
+            placed.append((adapter, r.headers.get("x-lorafleet-replica", "")))
 
     start = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
-    return latencies, time.perf_counter() - start
+    return latencies, placed, time.perf_counter() - start
 
 
 def slot_counts(metrics_url: str) -> dict[str, float]:
     samples = scrape(metrics_url)
+    # Requests that found their adapter out of a slot, per replica ("nonhit:<replica id>").
+    nonhits: Counter[str] = Counter()
+    for (name, labels), value in samples.items():
+        tier = dict(labels).get("tier")
+        if name == "lorafleet_adapter_misses_total" or (name == "lorafleet_adapter_hits_total" and tier == "host"):
+            nonhits["nonhit:" + dict(labels)["replica"]] += value
     return {
+        **nonhits,
         "gpu_hits": total(samples, "lorafleet_adapter_hits_total", tier="gpu"),
         "host_hits": total(samples, "lorafleet_adapter_hits_total", tier="host"),
         "misses": total(samples, "lorafleet_adapter_misses_total"),
         "affine": total(samples, "lorafleet_routing_decisions_total", decision="affine"),
         "spilled": total(samples, "lorafleet_routing_decisions_total", decision="spilled"),
+    }
+
+
+def placement_summary(placed: list[tuple[str, str]], ids: list[str], counts: dict[str, float]) -> dict[str, Any]:
+    """Where requests ran: each replica's share and misses, and the replicas the hottest adapters used."""
+    by_replica = Counter(replica for _, replica in placed)
+    short = {r: f"r{i}" for i, r in enumerate(sorted(by_replica))}
+    per_adapter = {a: Counter(short[r] for b, r in placed if b == a) for a in ids[:8]}
+    return {
+        "requests_per_replica": {short[r]: n for r, n in sorted(by_replica.items())},
+        "slot_misses_per_replica": {short[r]: counts.get("nonhit:" + r, 0.0) for r in sorted(by_replica)},
+        "hottest_adapters": {a: dict(c.most_common()) for a, c in per_adapter.items()},
     }
 
 
@@ -105,10 +128,10 @@ def run_policy(root: Path, http_port: int, policy: str, adapters: dict[str, str]
     warmup = args.requests // 10
     asyncio.run(drive(fleet.base_url, key, ids, weights, warmup, args.concurrency, seed=1))
     before = slot_counts(fleet.metrics_url)
-    latencies, wall = asyncio.run(drive(fleet.base_url, key, ids, weights, args.requests, args.concurrency,
+    latencies, placed, wall = asyncio.run(drive(fleet.base_url, key, ids, weights, args.requests, args.concurrency,
                                         seed=2))
     after = slot_counts(fleet.metrics_url)
-    delta = {k: after[k] - before[k] for k in after}
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
     arrivals = delta["gpu_hits"] + delta["host_hits"] + delta["misses"]
     from ray import serve
 
@@ -124,6 +147,7 @@ def run_policy(root: Path, http_port: int, policy: str, adapters: dict[str, str]
         "throughput_rps": len(latencies) / wall,
         "latency_p50_ms": 1000 * statistics.median(latencies),
         "latency_p99_ms": 1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        "placement": placement_summary(placed, ids, delta),
     }
 
 

@@ -66,8 +66,8 @@ class AdapterAffinityRouter(RequestRouter):
     """Rendezvous hashing of the multiplexed model id (the adapter id) with a load bound.
 
     kwargs (request_router_kwargs): epsilon (default 0.5), slack (default 4.0),
-    affinity_wait_s (default 1.0: how long a request waits for its preferred replicas to accept
-    before any replica may take it), stats_max_age_s (default 1.0: older reported queue lengths
+    affinity_wait_s (default 1.0: how long a request waits, from this router's first offer, for its
+    preferred replicas to accept before any replica may take it), stats_max_age_s (default 1.0: older reported queue lengths
     are ignored), home_ttl_s (default 300: an adapter not asked for that long gives up its home).
     """
 
@@ -96,15 +96,15 @@ class AdapterAffinityRouter(RequestRouter):
         # Requests this router has in flight per replica: fresher than the periodic stats.
         self._inflight: dict[ReplicaID, int] = {}
         self._inflight_by_request: dict[str, ReplicaID] = {}
-        # Requests waiting in this router, with the replica they were first placed on: demand
-        # that the replicas' own queues (capped at max_ongoing_requests) do not show.
-        self._waiting: dict[str, tuple[PendingRequest, str]] = {}
+        # Requests being placed by this router: the replica each was first placed on (demand that
+        # the replicas' own queues, capped at max_ongoing_requests, do not show) and when.
+        self._waiting: dict[str, tuple[PendingRequest, str, float]] = {}
 
     def _waiting_on(self) -> Counter[str]:
-        for request_id, (pending, _) in list(self._waiting.items()):
+        for request_id, (pending, _, _) in list(self._waiting.items()):
             if pending.future.done():  # routed or cancelled
                 del self._waiting[request_id]
-        return Counter(uid for _, uid in self._waiting.values())
+        return Counter(uid for _, uid, _ in self._waiting.values())
 
     def _load(self, replica: RunningReplica) -> float:
         # The replica's own count also covers other routers' requests, but it reaches here a
@@ -155,21 +155,27 @@ class AdapterAffinityRouter(RequestRouter):
         loads = {uid: self._load(r) + waiting[uid] for uid, r in by_id.items()}
         order = self._home_first(adapter, by_id)
         within, over = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
-        # Preferred: the replicas within the bound that already hold the adapter (its home,
-        # or others it spilled to), then the first replica in its order within the bound (its
-        # home, unless that is over the bound), which loads it.
+        # Preferred: the replicas within the bound that already hold the adapter (its home, or
+        # others it spilled to), offered together so that Ray takes the less loaded one and a
+        # hot adapter's load evens out over them; then the first replica in its order within the
+        # bound (its home, unless that is over the bound), which loads it.
         holding = {uid for uid, r in by_id.items() if adapter in (r.routing_stats or {}).get(STAT_RESIDENT, ())}
         holders = [uid for uid in within if uid in holding]
-        preferred = holders + [uid for uid in within[:1] if uid not in holders]
+        preferred = [rank for rank in (holders, [uid for uid in within[:1] if uid not in holding]) if rank]
         request_id = pending_request.metadata.internal_request_id
         if request_id not in self._waiting and preferred:
-            self._waiting[request_id] = (pending_request, preferred[0])
+            self._waiting[request_id] = (pending_request, preferred[0][0], time.monotonic())
+        ranks = [[by_id[uid] for uid in rank] for rank in preferred]
         # For a while only the preferred replicas are offered: a busy replica can be slow to
-        # answer Ray's queue-length probe, and that alone must not move the adapter.
-        if time.time() - pending_request.created_at < self._affinity_wait_s and preferred:
-            return [[by_id[uid]] for uid in preferred]
-        rest = [uid for uid in within + over if uid not in preferred]
-        return [[by_id[uid]] for uid in preferred + rest]
+        # answer Ray's queue-length probe, and that alone must not move the adapter. The wait
+        # counts from the first offer, not from arrival: time queued in Ray's router before
+        # placement starts (all requests queue there when the fleet is saturated) says nothing
+        # about the preferred replicas.
+        since = self._waiting[request_id][2] if request_id in self._waiting else -float("inf")
+        if time.monotonic() - since < self._affinity_wait_s:
+            return ranks
+        offered = {uid for rank in preferred for uid in rank}
+        return ranks + [[by_id[uid]] for uid in within + over if uid not in offered]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
         request_id = pending_request.metadata.internal_request_id

@@ -211,11 +211,19 @@ async def _policy():
     router = _router(epsilon=0.5, slack=2.0, affinity_wait_s=1.0)
     # Nobody holds it: only its first replica, until the wait is over; then all in hash order.
     assert await _choose(router, [_replica(u) for u in uids], _request("a", "1")) == [[order[0]]]
-    assert await _choose(router, [_replica(u) for u in uids], _request("a", "2", age_s=2)) == [[u] for u in order]
+    # The wait counts from the first offer: time queued before it (Ray's router queue) does not.
+    quick = _router(epsilon=0.5, slack=2.0, affinity_wait_s=0.05)
+    old = _request("a", "2", age_s=2)
+    assert await _choose(quick, [_replica(u) for u in uids], old) == [[order[0]]]
+    await asyncio.sleep(0.06)
+    assert await _choose(quick, [_replica(u) for u in uids], old) == [[u] for u in order]
     # A replica holding it goes first, the first replica second.
     holder = order[2]
     replicas = [_replica(u, resident=("a",) if u == holder else ()) for u in uids]
     assert await _choose(router, replicas, _request("a", "3")) == [[holder], [order[0]]]
+    # Several holders share one rank (Ray takes the less loaded), in hash order.
+    replicas = [_replica(u, resident=("a",) if u != order[1] else ()) for u in uids]
+    assert await _choose(router, replicas, _request("a", "3b")) == [[order[0], order[2]]]
     # Its first replica over the load bound (mean 4, bound 8): the next in hash order.
     replicas = [_replica(u, queue_len=12 if u == order[0] else 0) for u in uids]
     assert await _choose(router, replicas, _request("a", "4")) == [[order[1]]]
