@@ -38,7 +38,9 @@ class EngineConfig:
     max_waiting: int = 1024
     max_model_len: int | None = None  # None: the model's own limit
     kernel_backend: str = "auto"
-    attention_backend: str = "auto"  # decode attention: "triton" (auto on CUDA) or "torch" (auto elsewhere)
+    # Decode attention and the fused norm / rotary / silu kernels: "triton" (what "auto" picks on
+    # CUDA) or "torch" (elsewhere; also the CPU twin that the GPU path is checked against).
+    attention_backend: str = "auto"
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps (they are only used on CUDA)
     adapter_cache_dir: str | None = None
     adapter_cache_max_bytes: int | None = None

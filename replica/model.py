@@ -109,22 +109,19 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(is_medium, blended, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RMSNorm(nn.Module):
+    """Holds the weight; kernels.rms_norm adds the residual and normalizes in one pass."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); the sum is the next layer's residual."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual, backend=backend)
 
 
 def _weight(out_features: int, in_features: int) -> nn.Parameter:
@@ -156,33 +153,38 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         attn: AttentionMetadata,
         lora: LoRABatch | None,
-    ) -> torch.Tensor:
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP's output and the residual stream it is still to be added to (the
+        next norm adds it, fused)."""
         args, d = self.args, self.args.head_dim
-        x = self.input_layernorm(h)
+        x, residual = self.input_layernorm(h, residual, backend)
         qkv = self._linear(x, self.qkv_proj, lora, QKV)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, args.num_heads, d)
         k = k.view(-1, args.num_kv_heads, d)
         v = v.view(-1, args.num_kv_heads, d)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        kernels.rotary_(q, k, cos, sin, backend=backend)
         o = paged_attention(q, k, v, k_cache, v_cache, attn, scale=d**-0.5)
-        h = h + self._linear(o.flatten(1), self.o_proj, lora, ("o_proj",))
-        x = self.post_attention_layernorm(h)
-        gate, up = self._linear(x, self.gate_up_proj, lora, GATE_UP).chunk(2, dim=-1)
-        return h + self._linear(F.silu(gate) * up, self.down_proj, lora, ("down_proj",))
+        o = self._linear(o.flatten(1), self.o_proj, lora, ("o_proj",))
+        x, residual = self.post_attention_layernorm(o, residual, backend)
+        gate_up = self._linear(x, self.gate_up_proj, lora, GATE_UP)
+        return self._linear(kernels.silu_and_mul(gate_up, backend=backend), self.down_proj, lora, ("down_proj",)), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
+        # The norm / rotary / silu kernels: "triton" (what "auto" picks on CUDA) or "torch".
+        self.ops_backend = "auto"
         self.embed_tokens = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -204,11 +206,12 @@ class LlamaModel(nn.Module):
         """input_ids/positions [T]; returns the final hidden states [T, hidden]."""
         h = F.embedding(input_ids, self.embed_tokens)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        residual = None
         for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v, strict=True):
-            h = layer(h, cos, sin, k_cache, v_cache, attn, lora)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, k_cache, v_cache, attn, lora, self.ops_backend)
+        return self.norm(h, residual, self.ops_backend)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

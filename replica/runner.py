@@ -48,6 +48,7 @@ class ModelRunner:
         if attention_backend == "auto":
             attention_backend = "triton" if device.type == "cuda" else "torch"
         self.attention_backend = attention_backend
+        model.ops_backend = attention_backend  # its norm / rotary / silu kernels follow the same choice
         shape = (max_num_seqs, BLOCKS + -(-max_model_len // block_size))
         self._decode_host = torch.zeros(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._decode_rows = self._decode_host.numpy()
