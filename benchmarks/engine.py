@@ -54,16 +54,23 @@ class RandomLoRA:
 
 
 class RandomAdapterStore:
-    """Adapters on every projection, made on request (no files, no network)."""
+    """Adapters on every projection, made on request (no files, no network). ranks gives some URIs
+    a rank of their own; the others have rank."""
 
     def __init__(
-        self, shapes: dict[str, tuple[int, int]], num_layers: int, rank: int = RANK, std: float = 0.02
+        self,
+        shapes: dict[str, tuple[int, int]],
+        num_layers: int,
+        rank: int = RANK,
+        std: float = 0.02,
+        ranks: dict[str, int] | None = None,
     ) -> None:
         self.shapes, self.num_layers, self.rank, self.std = shapes, num_layers, rank, std
+        self.ranks = dict(ranks or {})
 
     def load(self, uri: str) -> RandomLoRA:
         gen = torch.Generator().manual_seed(zlib.crc32(uri.encode()))
-        r, std, layers = self.rank, self.std, self.num_layers
+        r, std, layers = self.ranks.get(uri, self.rank), self.std, self.num_layers
         a = {m: torch.randn(layers, r, i, generator=gen) * std for m, (i, _) in self.shapes.items()}
         b = {m: torch.randn(layers, o, r, generator=gen) * std for m, (_, o) in self.shapes.items()}
         return RandomLoRA(uri, r, 2.0, tuple(self.shapes), a, b)
@@ -73,14 +80,11 @@ def greedy_check(device: str, dtype: torch.dtype, tmp: Path) -> dict:
     """The engine's greedy tokens against transformers' on one short prompt, same dtype and device:
     for the base model, and for a rank-8 adapter on all projections (merged into transformers'
     weights in fp32, applied by the engine through the LoRA kernels)."""
-    model_dir = make_tiny_llama(
-        tmp / "check-llama", seed=0, dtype=dtype, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, initializer_range=0.1, rope_scaling=None,
-    )  # fmt: skip
+    model_dir = make_check_llama(tmp, dtype)
     shape = BaseModelSpec.from_pretrained(model_dir)
     store = RandomAdapterStore(shape.module_shapes, shape.num_layers, rank=8, std=0.1)
     adapter = LoRARequest("check", "random://check")
-    core = EngineCore(EngineConfig(model=str(model_dir), dtype=_name(dtype), device=device, num_kv_blocks=64),
+    core = EngineCore(EngineConfig(model=str(model_dir), dtype=dtype_name(dtype), device=device, num_kv_blocks=64),
                       store=store)  # fmt: skip
     prompt, new = [5, 17, 99, 3, 250, 42, 7, 300], 24
     results = {}
@@ -104,6 +108,22 @@ def greedy_check(device: str, dtype: torch.dtype, tmp: Path) -> dict:
         }  # fmt: skip
     core.pool.shutdown()
     return results
+
+
+def make_check_llama(tmp: Path, dtype: torch.dtype) -> Path:
+    """The small random Llama the token checks run on (its logits are far apart: few near-ties)."""
+    return make_tiny_llama(
+        tmp / "check-llama", seed=0, dtype=dtype, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, initializer_range=0.1, rope_scaling=None,
+    )  # fmt: skip
+
+
+def write_dummy_model(config: dict, folder: Path) -> Path:
+    """A model folder of config.json and a tokenizer only, for load_format="dummy"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    make_tokenizer(folder)  # prompts are token ids; ids beyond its vocabulary decode to nothing
+    return folder
 
 
 def hf_greedy(
@@ -130,10 +150,14 @@ def merge(model: torch.nn.Module, lora: RandomLoRA) -> None:
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             for m in lora.modules:
-                linear = getattr(
-                    layer.self_attn if m in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, m
-                )
-                linear.weight += lora.scaling * lora.lora_b[m][i] @ lora.lora_a[m][i]
+                hf_projection(layer, m).weight += lora.scaling * lora.lora_b[m][i] @ lora.lora_a[m][i]
+
+
+def hf_projection(layer: torch.nn.Module, module: str) -> torch.nn.Module:
+    """A transformers Llama decoder layer's projection of this name (q_proj ... down_proj)."""
+    return getattr(
+        layer.self_attn if module in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, module
+    )
 
 
 def throughput(
@@ -146,17 +170,12 @@ def throughput(
     gen_len: int,
     profile_steps: int = 0,
 ) -> dict:
-    if device == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()  # the check's memory goes back before the KV cache is sized
-    model_dir = tmp / "bench-model"
-    model_dir.mkdir(exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(config))
-    make_tokenizer(model_dir)  # prompts are token ids; ids beyond its vocabulary decode to nothing
+    free_memory()  # the check's memory goes back before the KV cache is sized
+    model_dir = write_dummy_model(config, tmp / "bench-model")
     # On the GPU the KV cache is sized from the memory budget, as in serving.
     blocks = None if device == "cuda" else batch * -(-(prompt_len + gen_len) // 16)
     cfg = EngineConfig(
-        model=str(model_dir), load_format="dummy", dtype=_name(dtype), device=device, max_num_seqs=batch,
+        model=str(model_dir), load_format="dummy", dtype=dtype_name(dtype), device=device, max_num_seqs=batch,
         max_num_batched_tokens=batch * prompt_len, max_loras=8, max_lora_rank=RANK, num_kv_blocks=blocks,
     )  # fmt: skip
     shape = BaseModelSpec.from_config(config)
@@ -245,7 +264,9 @@ def run(core: EngineCore, prompts: list[list[int]], params: SamplingParams, adap
         "seconds": round(total, 3),
         "tokens_per_s": round(generated / total, 1),
         "prefill_s": round(prefill, 3),
+        "time_to_first_token_ms": round(prefill * 1e3, 2),  # the prefill step: every prompt in one step
         "decode_tokens_per_s": round((generated - len(seqs)) / (total - prefill), 1),
+        "decode_step_ms": round((total - prefill) / max(steps - 1, 1) * 1e3, 3),
     }
 
 
@@ -267,7 +288,14 @@ def plot(results: dict, png: Path) -> None:
     fig.savefig(png, dpi=110, bbox_inches="tight")
 
 
-def _name(dtype: torch.dtype) -> str:
+def free_memory() -> None:
+    """Give a finished phase's GPU memory back before the next one sizes its buffers."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -295,7 +323,7 @@ def main() -> None:
         print("greedy check:", check, flush=True)
         results = {
             "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "dtype": _name(dtype),
+            "dtype": dtype_name(dtype),
             "torch": torch.__version__,
             "model": "tiny random Llama" if tiny else "Llama-3-8B-shaped, random weights",
             "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len,
