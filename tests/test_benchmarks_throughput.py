@@ -18,7 +18,8 @@ def test_workloads_assign_adapters_as_in_punica() -> None:
     assert workload_adapters("base_only", 8) == [None] * 8
     assert len(set(workload_adapters("identical", 64))) == 1
     uniform = workload_adapters("uniform", 64)
-    assert Counter(uniform) == {a: 8 for a in set(uniform)} and len(set(uniform)) == 8  # sqrt(64), equal shares
+    assert len(set(uniform)) == 8  # sqrt(64)
+    assert set(Counter(uniform).values()) == {8}  # equally popular
     assert uniform[:9] == [*uniform[:8], uniform[0]]  # round-robin
     assert len(set(workload_adapters("uniform", 32))) == 6  # round(sqrt(32))
     assert len(set(workload_adapters("distinct", 128))) == 128
