@@ -4,10 +4,13 @@ Each adapter id has its own order of the live replicas (rendezvous hashing), so 
 landing where its weights are already in a GPU slot. Its home is the first replica in that
 order that is home to fewer recently requested adapters than it has GPU slots (consistent
 hashing with bounded loads, counted in adapters): hashing alone gives some replica more
-adapters than slots, and those would evict each other forever. A replica whose load is over
-(1 + epsilon) x the mean load plus a constant is skipped for the next one in that order:
-a hot adapter spreads over a few replicas while a cold one stays on one. Base-only
-requests take the less loaded of two random replicas.
+adapters than slots, and those would evict each other forever. Requests wait for their
+adapter's homes; when one has waited affinity_wait_s, its replica is short of capacity and the
+adapter with the most requests waiting there gains another home (the next replica in its
+order with room): a hot adapter spreads over a few stable homes while the cold ones stay
+where they are resident, instead of every late request evicting something elsewhere. A
+replica whose load is over (1 + epsilon) x the mean load plus a constant is skipped for the
+next one in the order. Base-only requests take the less loaded of two random replicas.
 """
 
 from __future__ import annotations
@@ -66,9 +69,10 @@ class AdapterAffinityRouter(RequestRouter):
     """Rendezvous hashing of the multiplexed model id (the adapter id) with a load bound.
 
     kwargs (request_router_kwargs): epsilon (default 0.5), slack (default 4.0),
-    affinity_wait_s (default 1.0: how long a request waits, from this router's first offer, for its
-    preferred replicas to accept before any replica may take it), stats_max_age_s (default 1.0: older reported queue lengths
-    are ignored), home_ttl_s (default 300: an adapter not asked for that long gives up its home).
+    affinity_wait_s (default 1.0: a request that waited that long, from this router's first offer,
+    gives the hottest adapter waiting for the same replica another home), stats_max_age_s
+    (default 1.0: older reported queue lengths are ignored), home_ttl_s (default 300: an adapter
+    not asked for that long gives up its homes).
     """
 
     def initialize_state(
@@ -89,8 +93,10 @@ class AdapterAffinityRouter(RequestRouter):
         self._affinity_wait_s = float(affinity_wait_s)
         self._stats_max_age_s = float(stats_max_age_s)
         self._home_ttl_s = float(home_ttl_s)
-        # adapter id -> (its home replica's unique id, when it was last asked for)
-        self._homes: dict[str, tuple[str, float]] = {}
+        # adapter id -> (its home replicas' unique ids, the first one first; when last asked for)
+        self._homes: dict[str, tuple[tuple[str, ...], float]] = {}
+        # replica unique id -> when an adapter last gained a home to relieve it
+        self._relieved_at: dict[str, float] = {}
         # The `replica` label of the routing counter: the replica this router runs in.
         self._metrics_replica = _own_replica_id()
         # Requests this router has in flight per replica: fresher than the periodic stats.
@@ -114,25 +120,43 @@ class AdapterAffinityRouter(RequestRouter):
         reported = stats.get(STAT_QUEUE_LEN, 0) if fresh else 0
         return float(max(self._inflight.get(replica.replica_id, 0), reported))
 
-    def _home_first(self, adapter: str, by_id: Mapping[str, RunningReplica]) -> list[str]:
-        """The adapter's hash order of the live replicas with its home moved to the front."""
-        order = rendezvous_order(adapter, list(by_id))
+    def _homes_of(self, adapter: str, by_id: Mapping[str, RunningReplica], *, grow: bool = False) -> list[str]:
+        """The adapter's live homes, first the oldest; a new one when it has none or `grow`."""
         now = time.monotonic()
-        home = self._homes.get(adapter, ("", 0.0))[0]
-        if home not in by_id:
+        homes = [uid for uid in self._homes.get(adapter, ((), 0.0))[0] if uid in by_id]
+        if not homes or grow:
             # Adapters nobody asked for lately no longer hold a place (expired here only, where
             # the counts matter, to keep the common path short).
             self._homes = {a: h for a, h in self._homes.items() if now - h[1] <= self._home_ttl_s}
-            homed = Counter(uid for a, (uid, _) in self._homes.items() if a != adapter)
+            homed = Counter(uid for a, (uids, _) in self._homes.items() if a != adapter for uid in uids)
 
             def has_room(uid: str) -> bool:
                 slots = (by_id[uid].routing_stats or {}).get(STAT_SLOTS)
                 return slots is None or homed[uid] < slots
 
-            # With more adapters than the fleet has slots, plain hashing is the best there is.
-            home = next((uid for uid in order if has_room(uid)), order[0])
-        self._homes[adapter] = (home, now)
-        return [home] + [uid for uid in order if uid != home]
+            candidates = [uid for uid in rendezvous_order(adapter, list(by_id)) if uid not in homes]
+            roomy = [uid for uid in candidates if has_room(uid)]
+            # A first home even where there is no room: with more adapters than the fleet has
+            # slots, plain hashing is the best there is. Another home only where there is room,
+            # or it would evict adapters that live there.
+            homes += roomy[:1] if homes else (roomy or candidates)[:1]
+        self._homes[adapter] = (tuple(homes), now)
+        return homes
+
+    def _relieve(self, replica: str, by_id: Mapping[str, RunningReplica]) -> None:
+        """A request waited affinity_wait_s for `replica`: the adapter with the most requests waiting
+        for it gains another home (at most once per wait), so a hot adapter's load moves and the
+        cold adapters homed there stay put."""
+        now = time.monotonic()
+        if now - self._relieved_at.get(replica, -float("inf")) < self._affinity_wait_s:
+            return
+        self._relieved_at[replica] = now
+        demand = Counter(
+            p.metadata.multiplexed_model_id for p, uid, _ in self._waiting.values() if uid == replica
+        )
+        hottest = next((a for a, _ in demand.most_common() if a), None)
+        if hottest is not None:
+            self._homes_of(hottest, by_id, grow=True)
 
     async def choose_replicas(
         self,
@@ -152,30 +176,27 @@ class AdapterAffinityRouter(RequestRouter):
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         waiting = self._waiting_on()
-        loads = {uid: self._load(r) + waiting[uid] for uid, r in by_id.items()}
-        order = self._home_first(adapter, by_id)
-        within, over = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
-        # Preferred: the replicas within the bound that already hold the adapter (its home, or
-        # others it spilled to), offered together so that Ray takes the less loaded one and a
-        # hot adapter's load evens out over them; then the first replica in its order within the
-        # bound (its home, unless that is over the bound), which loads it.
-        holding = {uid for uid, r in by_id.items() if adapter in (r.routing_stats or {}).get(STAT_RESIDENT, ())}
-        holders = [uid for uid in within if uid in holding]
-        preferred = [rank for rank in (holders, [uid for uid in within[:1] if uid not in holding]) if rank]
         request_id = pending_request.metadata.internal_request_id
-        if request_id not in self._waiting and preferred:
-            self._waiting[request_id] = (pending_request, preferred[0][0], time.monotonic())
-        ranks = [[by_id[uid] for uid in rank] for rank in preferred]
-        # For a while only the preferred replicas are offered: a busy replica can be slow to
-        # answer Ray's queue-length probe, and that alone must not move the adapter. The wait
-        # counts from the first offer, not from arrival: time queued in Ray's router before
-        # placement starts (all requests queue there when the fleet is saturated) says nothing
-        # about the preferred replicas.
-        since = self._waiting[request_id][2] if request_id in self._waiting else -float("inf")
-        if time.monotonic() - since < self._affinity_wait_s:
-            return ranks
-        offered = {uid for rank in preferred for uid in rank}
-        return ranks + [[by_id[uid]] for uid in within + over if uid not in offered]
+        placing = self._waiting.get(request_id)
+        # Counted from the first offer, not from arrival: under load every request queues in
+        # Ray's router before placement starts, and that says nothing about its replicas.
+        if placing is not None and time.monotonic() - placing[2] >= self._affinity_wait_s:
+            self._relieve(placing[1], by_id)
+        loads = {uid: self._load(r) + waiting[uid] for uid, r in by_id.items()}
+        homes = self._homes_of(adapter, by_id)
+        order = homes + [uid for uid in rendezvous_order(adapter, list(by_id)) if uid not in homes]
+        within, _ = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
+        # First its homes within the load bound, offered together so that Ray takes the less
+        # loaded one; if all are over it, the next replica in its order within the bound (which
+        # loads it). Then other replicas within the bound that still hold it.
+        home_rank = [uid for uid in homes if uid in within]
+        others = [uid for uid in within if uid not in homes]
+        first = home_rank or others[:1]
+        holding = {uid for uid, r in by_id.items() if adapter in (r.routing_stats or {}).get(STAT_RESIDENT, ())}
+        ranks = [first] + [[uid] for uid in others if uid in holding and uid not in first]
+        if placing is None:
+            self._waiting[request_id] = (pending_request, first[0], time.monotonic())
+        return [[by_id[uid] for uid in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:
         request_id = pending_request.metadata.internal_request_id
@@ -186,8 +207,8 @@ class AdapterAffinityRouter(RequestRouter):
         if not adapter:
             decision = "base"
         else:
-            home = self._homes.get(adapter, ("", 0.0))[0]
-            decision = "affine" if home == replica_id.unique_id else "spilled"
+            homes = self._homes.get(adapter, ((), 0.0))[0]
+            decision = "affine" if replica_id.unique_id in homes else "spilled"
         ROUTING_DECISIONS.labels(replica=self._metrics_replica, decision=decision).inc()
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

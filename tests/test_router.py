@@ -201,7 +201,7 @@ async def _choose(router, replicas, request) -> list[list[str]]:
     return [[r.replica_id.unique_id for r in rank] for rank in await router.choose_replicas(replicas, request)]
 
 
-def test_policy_prefers_holders_then_the_hash_order_and_waits_before_spilling():
+def test_policy_prefers_homes_then_holders_and_grows_homes_after_the_wait():
     asyncio.run(_policy())
 
 
@@ -209,21 +209,21 @@ async def _policy():
     uids = ["r0", "r1", "r2"]
     order = rendezvous_order("a", uids)
     router = _router(epsilon=0.5, slack=2.0, affinity_wait_s=1.0)
-    # Nobody holds it: only its first replica, until the wait is over; then all in hash order.
+    # Nobody holds it: only its home, the first replica in its order.
     assert await _choose(router, [_replica(u) for u in uids], _request("a", "1")) == [[order[0]]]
-    # The wait counts from the first offer: time queued before it (Ray's router queue) does not.
+    # A request that waited affinity_wait_s for it gives the adapter a second home, the next in
+    # its order, and both are offered together. The wait counts from the first offer: time
+    # queued before it (in Ray's router) does not count.
     quick = _router(epsilon=0.5, slack=2.0, affinity_wait_s=0.05)
     old = _request("a", "2", age_s=2)
     assert await _choose(quick, [_replica(u) for u in uids], old) == [[order[0]]]
     await asyncio.sleep(0.06)
-    assert await _choose(quick, [_replica(u) for u in uids], old) == [[u] for u in order]
-    # A replica holding it goes first, the first replica second.
+    assert await _choose(quick, [_replica(u) for u in uids], old) == [[order[0], order[1]]]
+    assert await _choose(quick, [_replica(u) for u in uids], _request("a", "2b")) == [[order[0], order[1]]]
+    # Its home goes first, then other replicas that still hold it (it spilled there once).
     holder = order[2]
     replicas = [_replica(u, resident=("a",) if u == holder else ()) for u in uids]
-    assert await _choose(router, replicas, _request("a", "3")) == [[holder], [order[0]]]
-    # Several holders share one rank (Ray takes the less loaded), in hash order.
-    replicas = [_replica(u, resident=("a",) if u != order[1] else ()) for u in uids]
-    assert await _choose(router, replicas, _request("a", "3b")) == [[order[0], order[2]]]
+    assert await _choose(router, replicas, _request("a", "3")) == [[order[0]], [holder]]
     # Its first replica over the load bound (mean 4, bound 8): the next in hash order.
     replicas = [_replica(u, queue_len=12 if u == order[0] else 0) for u in uids]
     assert await _choose(router, replicas, _request("a", "4")) == [[order[1]]]
@@ -247,6 +247,40 @@ async def _waiting():
     placed = [(await _choose(router, replicas, _request("hot", f"q{i}")))[0][0] for i in range(6)]
     # None is routed yet: each waits on its first choice, and the bound moves the later ones on.
     assert placed[0] == order[0] and len(set(placed)) >= 2
+
+
+def test_a_long_wait_gives_the_hottest_waiting_adapter_another_home():
+    asyncio.run(_relief())
+
+
+async def _relief():
+    uids = ["r0", "r1", "r2"]
+    hot, cold = "hot", next(f"cold-{i}" for i in range(100)
+                            if rendezvous_order(f"cold-{i}", uids)[0] == rendezvous_order("hot", uids)[0])
+    home, second = rendezvous_order(hot, uids)[:2]
+    router = _router(epsilon=0.5, slack=8.0, affinity_wait_s=0.05)
+    replicas = [_replica(u) for u in uids]
+    # Both live on one replica; three requests for the hot one and one for the cold one wait there.
+    waiting_cold = _request(cold, "c0")
+    for request in [_request(hot, f"h{i}") for i in range(3)] + [waiting_cold]:
+        assert await _choose(router, replicas, request) == [[home]]
+    await asyncio.sleep(0.06)
+    # The cold request has waited too long: the hot adapter gains a home, the cold one stays.
+    assert await _choose(router, replicas, waiting_cold) == [[home]]
+    assert await _choose(router, replicas, _request(hot, "h-new")) == [[home, second]]
+    # At most once per wait for one replica.
+    assert await _choose(router, replicas, waiting_cold) == [[home]]
+    assert await _choose(router, replicas, _request(hot, "h-newer")) == [[home, second]]
+    # Another home only where there is room: with every slot taken, the request keeps waiting.
+    router = _router(epsilon=0.5, slack=8.0, affinity_wait_s=0.05)
+    for r in replicas:
+        r.routing_stats["slots"] = 1
+    homes = {a: (await _choose(router, replicas, _request(a, f"first-{a}")))[0] for a in (hot, "x-1", "x-2")}
+    assert sorted(u for h in homes.values() for u in h) == sorted(uids)
+    waiting_hot = _request(hot, "h-wait")
+    assert await _choose(router, replicas, waiting_hot) == [homes[hot]]
+    await asyncio.sleep(0.06)
+    assert await _choose(router, replicas, waiting_hot) == [homes[hot]]
 
 
 def test_homes_never_give_a_replica_more_adapters_than_slots():
