@@ -106,7 +106,11 @@ class RouterOptions(_Section):
     )
     epsilon: float = Field(default=0.5, ge=0.0)
     slack: float = Field(default=4.0, ge=0.0)
-    affinity_wait_s: float = Field(default=1.0, ge=0.0)
+    affinity_wait_s: float = Field(
+        default=1.0, ge=0.0,
+        description="a request that waited this long for its adapter's homes gives the adapter with the most "
+        "requests waiting on that replica another home (where there is room)",
+    )
     routing_stats_period_s: float = Field(default=1.0, gt=0.0)
     num_cpus: float = Field(default=0.5, ge=0.0)
     default_max_tokens: int = Field(default=16, gt=0)
