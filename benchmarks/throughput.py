@@ -254,6 +254,7 @@ def ttft_during_loads(core: EngineCore, prompt: list[int], trials: int, loads_pe
     median_alone, median_during = statistics.median(alone), statistics.median(during)
     return {
         "trials": trials, "loads_per_trial": loads_per_trial,
+        "load_workers": core.config.adapter_load_workers,  # more than the default 2: harsher on the loop
         "ttft_alone_ms": [round(t, 2) for t in alone], "ttft_during_loads_ms": [round(t, 2) for t in during],
         "median_alone_ms": round(median_alone, 2), "median_during_loads_ms": round(median_during, 2),
         "ratio": round(median_during / median_alone, 3),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -30,9 +31,11 @@ def test_workloads_assign_adapters_as_in_punica() -> None:
 
 
 def test_tiny_run_writes_every_point(tmp_path: Path) -> None:
+    # One intra-op thread: on a few shared cores, OpenMP teams of tiny ops wait on descheduled
+    # threads, and a run of seconds takes minutes.
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.throughput", "--tiny", "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "throughput.json").read_text())
