@@ -243,8 +243,10 @@ def ttft_during_loads(core: EngineCore, prompt: list[int], trials: int, loads_pe
             seq = core.make_sequence(prompt, params, resident)
             start = time.perf_counter()
             core.add(seq)
-            while not seq.output_ids:
+            while not seq.output_ids and seq.request_id in core.requests:
                 core.step()
+            if not seq.output_ids:
+                raise RuntimeError(f"the request on a resident adapter ended without a token: {seq.error!r}")
             (during if with_loads else alone).append((time.perf_counter() - start) * 1e3)
             if with_loads:  # evidence that loads were under way while the request ran
                 in_flight.append(sum(core.pool.ensure(a) == "loading" for a in fresh))
