@@ -168,12 +168,16 @@ def measure_point(
         "decode_tokens_per_s": timed["decode_tokens_per_s"],
         "decode_step_ms": step_ms,
         "ttft_ms": timed["time_to_first_token_ms"],
-        "roofline_step_ms": round(floor["step_ms"], 3),
+        "roofline_step_ms": _significant(floor["step_ms"]),
         "roofline_tokens_per_s": round(len(prompts) / floor["step_ms"] * 1e3, 1),
-        "roofline_fraction": round(floor["step_ms"] / step_ms, 3),
+        "roofline_fraction": _significant(floor["step_ms"] / step_ms),
         "roofline_bytes": floor["bytes"],
         "run": timed,
     }
+
+
+def _significant(x: float) -> float:
+    return float(f"{x:.4g}")  # on the CPU a fraction is ~1e-4: fixed decimals would round it to 0
 
 
 def engine_config(
