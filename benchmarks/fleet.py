@@ -8,7 +8,7 @@ requests from concurrent clients over HTTP. Slot hit rate = requests whose adapt
 slot of their replica when they arrived (the replicas' own lorafleet_adapter_hits{tier="gpu"}
 counters), measured after a warm-up.
 
-    python -m benchmarks.fleet [--requests 2400] [--concurrency 16]
+    python -m benchmarks.fleet [--requests 2400] [--concurrency 48]
 """
 
 from __future__ import annotations
