@@ -41,10 +41,9 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
     ext = _checked_extension(x, lora_a[0].shape[1])
     x, lora_a, lora_b = _unit_stride(x), [_unit_stride(a) for a in lora_a], [_unit_stride(b) for b in lora_b]
     table = launch.slice_table(lora_a, lora_b, offsets)
-    block_rows = ext.block_rows(lora_a[0].shape[1])
-    blocks = meta.blocks(block_rows)
+    blocks = meta.blocks(ext.block_rows(lora_a[0].shape[1]))
     (t, k), vec = x.shape, 16 // x.element_size()
-    splits, per_split = launch.split_k(k, 32 * vec, -(-t // block_rows) * len(lora_a), x.device)
+    splits, per_split = launch.split_k(k, 32 * vec, blocks.shape[0] * len(lora_a), x.device)
     buf = torch.empty(splits, len(lora_a), t, lora_a[0].shape[1], dtype=torch.float32, device=x.device)
     ext.shrink(x, table, blocks, meta.sorted_rows, ranks, buf, per_split, k % vec == 0 and _aligned(vec, x, *lora_a))
     return buf

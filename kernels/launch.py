@@ -43,10 +43,7 @@ def num_programs_target(device: torch.device) -> int:
 
 def split_k(k: int, block_k: int, programs_without_split: int, device: torch.device) -> tuple[int, int]:
     """(splits, k per split): the reduction over `in` is cut in parts when rows alone give too few
-    programs (decode); the expand step sums the parts, so no zeroing or atomics are needed.
-    programs_without_split counts the fewest blocks that can hold the rows (all on one adapter), not
-    the grid's size (a block per slot more, mostly empty when few adapters are in use: with 128 slots
-    and one adapter, splitting by the grid left ~24 programs busy, 3x slower)."""
+    programs (decode); the expand step sums the parts, so no zeroing or atomics are needed."""
     k_blocks = -(-k // block_k)
     want = max(1, num_programs_target(device) // max(1, programs_without_split))
     splits = min(1 << (want.bit_length() - 1), k_blocks, 16)

@@ -137,7 +137,7 @@ class Plan:
         self.num_warps = 4
         self.pdl = False
         self.blocks = meta.blocks(self.block_m)
-        self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, -(-t // self.block_m) * num_slices,
+        self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, self.blocks.shape[0] * num_slices,
                                                        x.device)
 
 
