@@ -129,7 +129,7 @@ class Plan:
         self.max_out = max(b.shape[1] for b in lora_b)
         # Rows per program: 16 at decode sizes (measured best up to T=256), else about the rows per
         # slot, so that short prefill segments do not leave tiles half empty.
-        per_slot = -(-t // max(1, min(t, meta.num_slots)))
+        per_slot = -(-t // max(1, min(t, meta.max_adapters)))
         self.block_m = 16 if t <= 256 else min(64, max(16, triton.next_power_of_2(per_slot)))
         self.block_r = max(16, triton.next_power_of_2(self.max_rank))  # tl.dot needs dimensions >= 16
         self.block_k = 128 if self.block_r <= 32 else 64

@@ -57,7 +57,9 @@ class ModelRunner:
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
             with torch.inference_mode():
-                self.graphs = DecodeGraphs(self._decode_logits, self._decode_inputs, max_num_seqs)
+                self.graphs = DecodeGraphs(
+                    self._decode_logits, self._decode_inputs, max_num_seqs, len(pool.scalings)
+                )
 
     @torch.inference_mode()
     def forward(self, step: SchedulerOutput) -> tuple[list[Sequence], torch.Tensor]:
@@ -124,17 +126,18 @@ class ModelRunner:
         rows[n:padded, :BLOCKS] = self._padding_row()[:BLOCKS]
         inputs = self._decode_inputs[:padded]
         inputs.copy_(self._decode_host[:padded], non_blocking=True)
-        use_lora = any(s.slot >= 0 for s in seqs)
-        if use_lora:
+        num_adapters = len({s.slot for s in seqs if s.slot >= 0})
+        if num_adapters:
             self.pool.wait_copies()
         if self.graphs is not None:
-            logits = self.graphs.replay(padded, use_lora)
+            logits = self.graphs.replay(padded, num_adapters)
         else:
-            logits = self._decode_logits(inputs, use_lora)
+            logits = self._decode_logits(inputs, num_adapters)
         return done, logits[done_rows] if len(done_rows) < padded else logits
 
-    def _decode_logits(self, inputs: torch.Tensor, use_lora: bool) -> torch.Tensor:
-        """The decode forward over packed inputs; fixed shapes and no host sync (graph-capturable)."""
+    def _decode_logits(self, inputs: torch.Tensor, max_adapters: int) -> torch.Tensor:
+        """The decode forward over packed inputs, with LoRA for at most max_adapters distinct adapters
+        (0: none); fixed shapes and no host sync (graph-capturable)."""
         attn = DecodeMetadata(
             slot_mapping=inputs[:, CACHE_SLOT].long(),
             block_tables=inputs[:, BLOCKS:].contiguous(),
@@ -142,7 +145,7 @@ class ModelRunner:
             block_size=self.block_size,
             backend=self.attention_backend,
         )
-        lora = self._lora_batch(inputs[:, LORA_SLOT].contiguous()) if use_lora else None
+        lora = self._lora_batch(inputs[:, LORA_SLOT].contiguous(), max_adapters) if max_adapters else None
         hidden = self.model(inputs[:, TOKEN].long(), inputs[:, POSITION].long(), self.kv_cache, attn, lora)
         return self.model.compute_logits(hidden)
 
@@ -152,7 +155,7 @@ class ModelRunner:
         row[CACHE_SLOT], row[LORA_SLOT] = self.kv_cache.pad_slot, -1
         return row
 
-    def _lora_batch(self, slots: torch.Tensor) -> LoRABatch:
+    def _lora_batch(self, slots: torch.Tensor, max_adapters: int | None = None) -> LoRABatch:
         pool = self.pool
         return LoRABatch(
             lora_a=pool.lora_a,
@@ -160,6 +163,6 @@ class ModelRunner:
             slot_ids=slots,
             scalings=pool.scalings,
             ranks=pool.ranks,
-            meta=kernels.LoRAMeta.build(slots, len(pool.scalings)),
+            meta=kernels.LoRAMeta.build(slots, len(pool.scalings), max_adapters),
             backend=self.kernel_backend,
         )

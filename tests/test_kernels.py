@@ -117,6 +117,20 @@ def test_meta_is_reused_across_layers() -> None:
         torch.testing.assert_close(run(c, backend, meta), run(c, "torch"), rtol=1e-4, atol=1e-4)
 
 
+def test_meta_grid_sized_by_max_adapters() -> None:
+    """Two adapters in use out of 16 slots: a grid for 2 adapters holds every row's block, and the
+    segment backends give the reference's result with it; more distinct slots than declared fail."""
+    slots = [3, 11, -1, 3, 11, 11, 3, -1, 11, 3, 3, 11, 3]
+    c = make_case(len(slots), 24, (16, 8), num_slots=16, max_rank=8, dtype=torch.float32, slot_ids=slots,
+                  device=DEVICE)
+    meta = LoRAMeta.build(c["slot_ids"], 16, max_adapters=2)
+    assert meta.blocks(4).shape[0] == -(-len(slots) // 4) + 2 < LoRAMeta.build(c["slot_ids"], 16).blocks(4).shape[0]
+    for backend in ("triton_sgmv", "triton_sgmv_pdl", *(("cuda",) if ON_GPU else ())):
+        torch.testing.assert_close(run(c, backend, meta), run(c, "torch"), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="max_adapters"):
+        LoRAMeta.build(c["slot_ids"], 16, max_adapters=1)
+
+
 # --- every backend against the reference ----------------------------------------------------------------
 
 CASES = {
