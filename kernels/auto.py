@@ -44,10 +44,12 @@ def _usable(backend: str) -> bool:
     return True
 
 
-def choose_backend(x: torch.Tensor, lora_a: tuple, lora_b: tuple) -> str:
+def choose_backend(x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> str:
+    """adapters: how many distinct adapters the rows may use (the table's "slots": it was measured
+    with every slot in use), not how many slots the stacks have."""
     if not x.is_cuda:
         return "torch"
-    shape = (x.shape[0], lora_a[0].shape[0], sum(b.shape[1] for b in lora_b), lora_a[0].shape[1])
+    shape = (x.shape[0], adapters, sum(b.shape[1] for b in lora_b), lora_a[0].shape[1])
     return _nearest(*shape)
 
 

@@ -37,15 +37,15 @@ def add_lora_slices(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Ten
             _check_rank_values(ranks, lora_a[0].shape[1])
     if y.shape[0] == 0 or meta.num_slots == 0:
         return
-    fn = resolve_backend(backend, y, x, lora_a, lora_b)
+    fn = resolve_backend(backend, x, lora_a, lora_b, meta.max_adapters)
     fn(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
 
 
-def resolve_backend(backend: str, y: torch.Tensor, x: torch.Tensor, lora_a: tuple, lora_b: tuple) -> Callable:
+def resolve_backend(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> Callable:
     if backend == "auto":
         from kernels.auto import choose_backend
 
-        backend = choose_backend(x, lora_a, lora_b)
+        backend = choose_backend(x, lora_a, lora_b, adapters)
     if backend == "torch":
         return add_lora_torch
     if backend == "loop":
