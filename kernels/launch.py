@@ -34,18 +34,19 @@ def slice_table(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
     return table
 
 
-def num_programs_target(device: torch.device) -> int:
-    """About four programs per SM: enough loads in flight to keep HBM busy."""
+def num_programs_target(device: torch.device, per_sm: int = 4) -> int:
+    """About per_sm programs per SM: enough loads in flight to keep HBM busy."""
     if device.type != "cuda":
         return 8
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def split_k(k: int, block_k: int, programs_without_split: int, device: torch.device) -> tuple[int, int]:
+def split_k(k: int, block_k: int, programs_without_split: int, device: torch.device,
+            per_sm: int = 4) -> tuple[int, int]:
     """(splits, k per split): the reduction over `in` is cut in parts when rows alone give too few
     programs (decode); the expand step sums the parts, so no zeroing or atomics are needed."""
     k_blocks = -(-k // block_k)
-    want = max(1, num_programs_target(device) // max(1, programs_without_split))
+    want = max(1, num_programs_target(device, per_sm) // max(1, programs_without_split))
     splits = min(1 << (want.bit_length() - 1), k_blocks, 16)
     per_split = -(-k_blocks // splits) * block_k
     return -(-k // per_split), per_split

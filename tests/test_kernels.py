@@ -162,7 +162,7 @@ def test_reduction_split_among_programs(case: str, backend: str, monkeypatch: py
     """With many programs wanted (as on a GPU), the reduction over `in` is cut in parts that expand sums."""
     from kernels import launch
 
-    monkeypatch.setattr(launch, "num_programs_target", lambda device: 512)
+    monkeypatch.setattr(launch, "num_programs_target", lambda device, per_sm=4: 512)
     t, d_in, outs, slots, rank, slot_ids, ranks = CASES[case]
     c = make_case(t, d_in + 200, outs, slots, rank, torch.float32, slot_ids, ranks, seed=t, device=DEVICE)
     assert launch.split_k(d_in + 200, 32, 2, torch.device(DEVICE))[0] > 1
