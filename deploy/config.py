@@ -68,6 +68,9 @@ class S3Config(_Section):
 
 
 class EngineOptions(_Section):
+    load_format: Literal["safetensors", "dummy"] = Field(
+        default="safetensors", description="dummy: random weights of the config's shape (benchmarks)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     max_num_seqs: int = Field(default=64, gt=0)
