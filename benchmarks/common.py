@@ -83,3 +83,10 @@ def save(name: str, results: dict, figure: Any, out_dir: Path = RESULTS_DIR) -> 
     figure.savefig(png_path, dpi=110, bbox_inches="tight")
     print(text)
     return json_path, png_path
+
+
+def zipf_weights(n: int, s: float) -> list[float]:
+    """Popularity of ranks 1..n under Zipf(s), normalised."""
+    weights = [1.0 / (rank**s) for rank in range(1, n + 1)]
+    norm = sum(weights)
+    return [w / norm for w in weights]

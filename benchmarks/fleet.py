@@ -49,7 +49,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from benchmarks.common import RESULTS_DIR, save
+from benchmarks.common import RESULTS_DIR, save, zipf_weights
 from benchmarks.engine import LLAMA3_8B, TINY, write_dummy_model
 from benchmarks.storage import write_peft_adapter
 from deploy.config import RouterOptions
@@ -105,12 +105,6 @@ def gpu_setup(gpus: int, tiny: bool) -> Setup:
 
 def log(message: str) -> None:
     print(f"[fleet {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def zipf_weights(n: int, s: float) -> list[float]:
-    weights = [1.0 / (rank**s) for rank in range(1, n + 1)]
-    norm = sum(weights)
-    return [w / norm for w in weights]
 
 
 # -- artefacts --------------------------------------------------------------------------------

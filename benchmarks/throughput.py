@@ -84,8 +84,7 @@ def workload_adapters(workload: str, batch: int) -> list[LoRARequest | None]:
     elif workload == "uniform":  # round(sqrt(batch)) adapters, equally popular, rows round-robin
         ids = [i % max(1, round(math.sqrt(batch))) for i in range(batch)]
     elif workload == "skewed":  # Zipf over `batch` candidates: adapter k drawn with weight (k + 1)^-1.5
-        weights = [(k + 1) ** -ZIPF_EXPONENT for k in range(batch)]
-        ids = random.Random(SEED).choices(range(batch), weights, k=batch)
+        ids = random.Random(SEED).choices(range(batch), common.zipf_weights(batch, ZIPF_EXPONENT), k=batch)
     elif workload == "distinct":
         ids = list(range(batch))
     else:

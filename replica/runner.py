@@ -52,7 +52,10 @@ class ModelRunner:
         shape = (max_num_seqs, BLOCKS + -(-max_model_len // block_size))
         self._decode_host = torch.zeros(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
         self._decode_rows = self._decode_host.numpy()
-        self._decode_rows[:] = self._padding_row()
+        # A row that attends to nothing and writes its K/V into the cache's padding block.
+        self._padding = np.zeros(shape[1], dtype=np.int32)
+        self._padding[CACHE_SLOT], self._padding[LORA_SLOT] = kv_cache.pad_slot, -1
+        self._decode_rows[:] = self._padding
         self._decode_inputs = self._decode_host.to(device)
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
@@ -123,7 +126,7 @@ class ModelRunner:
                 done.append(seq)
                 done_rows.append(i)
         padded = self.graphs.bucket(n) if self.graphs is not None else n
-        rows[n:padded, :BLOCKS] = self._padding_row()[:BLOCKS]
+        rows[n:padded, :BLOCKS] = self._padding[:BLOCKS]
         inputs = self._decode_inputs[:padded]
         inputs.copy_(self._decode_host[:padded], non_blocking=True)
         num_adapters = len({s.slot for s in seqs if s.slot >= 0})
@@ -148,12 +151,6 @@ class ModelRunner:
         lora = self._lora_batch(inputs[:, LORA_SLOT].contiguous(), max_adapters) if max_adapters else None
         hidden = self.model(inputs[:, TOKEN].long(), inputs[:, POSITION].long(), self.kv_cache, attn, lora)
         return self.model.compute_logits(hidden)
-
-    def _padding_row(self) -> np.ndarray:
-        """A row that attends to nothing and writes its K/V into the cache's padding block."""
-        row = np.zeros(self._decode_rows.shape[1], dtype=np.int32)
-        row[CACHE_SLOT], row[LORA_SLOT] = self.kv_cache.pad_slot, -1
-        return row
 
     def _lora_batch(self, slots: torch.Tensor, max_adapters: int | None = None) -> LoRABatch:
         pool = self.pool
