@@ -86,9 +86,12 @@ class ModelRunner:
             self.device,
         )
         lora = None
-        if max(slot_ids) >= 0:  # else a base-only step: skip every LoRA call
+        num_adapters = len({s.slot for s in step.seqs if s.slot >= 0})
+        if num_adapters:  # else a base-only step: skip every LoRA call
             self.pool.wait_copies()
-            lora = self._lora_batch(torch.tensor(slot_ids, dtype=torch.int32, device=self.device))
+            # the adapter count sizes the kernels' tiles and picks the backend: a prefill over few
+            # adapters is a few long segments, not one per slot
+            lora = self._lora_batch(torch.tensor(slot_ids, dtype=torch.int32, device=self.device), num_adapters)
         hidden = self.model(
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
@@ -152,7 +155,7 @@ class ModelRunner:
         hidden = self.model(inputs[:, TOKEN].long(), inputs[:, POSITION].long(), self.kv_cache, attn, lora)
         return self.model.compute_logits(hidden)
 
-    def _lora_batch(self, slots: torch.Tensor, max_adapters: int | None = None) -> LoRABatch:
+    def _lora_batch(self, slots: torch.Tensor, max_adapters: int) -> LoRABatch:
         pool = self.pool
         return LoRABatch(
             lora_a=pool.lora_a,
