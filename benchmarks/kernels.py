@@ -3,8 +3,9 @@
 On a GPU: every backend is first checked against the torch reference in bf16 on fresh random inputs,
 then timed as CUDA-graph replays with a cold L2 (loop and gather_bmm sync with the host, so they run
 eagerly) over the grid of issue 3: decode (one token per request) and prefill (segments of 16 to 512
-tokens), hidden 4096, out 4096 and 14336, rank 16 and 64, 1/8/32/every-row-distinct adapters. Beside
-each point: the base GEMM x @ W and the roofline (fewest bytes over measured HBM bandwidth). Also one
+tokens), hidden 4096, out 4096 and 14336, rank 16 and 64, 1/8/32/every-row-distinct adapters, and
+decode batches whose rows follow Zipf(1.5) over the adapters ("skewed": auto's choice for a shape is the
+backend whose worst case over its even and skewed points is best). Beside each point: the base GEMM x @ W and the roofline (fewest bytes over measured HBM bandwidth). Also one
 Llama-3-8B layer's seven projections (merged q/k/v and gate/up). Writes <out>/kernels.json and .png;
 --auto-table writes the measured-fastest backend per shape, the table backend="auto" reads.
 On the CPU it runs a small smoke grid (interpreter; host timers) to exercise the same code."""
@@ -26,6 +27,7 @@ from kernels import LoRAMeta, add_lora_slices, auto, cuda, triton_bgmv, triton_s
 SPLIT = {"triton_sgmv": triton_sgmv, "triton_bgmv": triton_bgmv, "cuda": cuda}  # each has shrink and expand
 OPTIMISED = (*SPLIT, "triton_sgmv_pdl")  # the same two kernels as triton_sgmv, overlapped: timed together
 BASELINES = ("loop", "gather_bmm")
+SKEW = 1.5  # Zipf exponent of the skewed decode points (the Punica paper's skewed workload)
 CHECK_TOL = 2e-2  # relative to the size of the LoRA delta; bf16 operands land near 1e-3..1e-2
 HIDDEN = 4096
 LLAMA3_8B = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
@@ -48,8 +50,13 @@ class Problem:
         self.lora_a = [randn(adapters, rank, d_in, scale=d_in**-0.5) for _ in outs]
         self.lora_b = [randn(adapters, o, rank, scale=rank**-0.5) for o in outs]
         self.scalings = (torch.rand(adapters, generator=g) + 0.5).to(device)
-        if mode == "decode":  # every adapter present, rows in random order
-            slots = torch.cat([torch.arange(adapters), torch.randint(0, adapters, (t - adapters,), generator=g)])
+        if mode in ("decode", "skewed"):  # every adapter present, rows in random order
+            # skewed: the other rows' adapters drawn by Zipf popularity, as in serving traffic: a few long
+            # segments and many short ones (a decode graph's kernels must serve any such batch)
+            weights = torch.tensor(common.zipf_weights(adapters, SKEW) if mode == "skewed" else [1.0] * adapters)
+            rest = (torch.multinomial(weights, t - adapters, replacement=True, generator=g) if t > adapters
+                    else torch.empty(0, dtype=torch.long))
+            slots = torch.cat([torch.arange(adapters), rest])
             slots = slots[torch.randperm(t, generator=g)]
         else:  # requests' tokens are contiguous; request i uses adapter i % adapters
             requests = max(adapters, t // 512)
@@ -99,13 +106,16 @@ def offsets(outs: tuple[int, ...]) -> list[int]:
 def grid(on_gpu: bool) -> list[tuple[str, int, int, int, int]]:
     """(mode, T, adapters, out, rank) points."""
     if not on_gpu:
-        return [("decode", 8, 4, 64, 16), ("decode", 16, 16, 96, 8), ("prefill", 64, 2, 64, 16)]
+        return [("decode", 8, 4, 64, 16), ("skewed", 16, 4, 64, 16), ("decode", 16, 16, 96, 8),
+                ("prefill", 64, 2, 64, 16)]
     points = []
     for out in (4096, 14336):
         for rank in (16, 64):
-            for t in (1, 16, 64, 256, 1024):
-                for n in sorted({min(a, t) for a in (1, 8, 32)} | {t}):
+            for t in (1, 16, 64, 128, 256, 1024):
+                for n in sorted({min(a, t) for a in (1, 8, 32)} | {t} | ({t // 2} if t == 128 else set())):
                     points.append(("decode", t, n, out, rank))
+                    if 1 < n < t and t in (64, 128, 256):
+                        points.append(("skewed", t, n, out, rank))
             for t in (512, 1024, 4096):
                 for n in (1, 8, 32, 128):
                     if t // max(n, t // 512) >= 16:  # segments of 16 to 512 tokens
@@ -155,7 +165,7 @@ def plot(results: dict) -> object:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [("decode", 8), ("decode", "distinct"), ("prefill", 8), ("prefill", 32)]
+    rows = [("decode", 8), ("skewed", 8), ("decode", "distinct"), ("prefill", 8), ("prefill", 32)]
     shapes = sorted({(p["out"], p["rank"]) for p in results["points"]})
     fig, axes = plt.subplots(len(rows) + 1, len(shapes), figsize=(4.2 * len(shapes), 3.6 * (len(rows) + 1)),
                              squeeze=False, layout="constrained")

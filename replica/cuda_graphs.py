@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-_ADAPTER_CAPS = (4, 16, 32)  # plus the slot count: few adapters in a batch get small LoRA grids
+_ADAPTER_CAPS = (4, 16, 32, 64)  # plus the slot count: few adapters in a batch get small LoRA grids
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:

@@ -15,6 +15,7 @@ def test_every_batch_size_has_a_bucket_that_pads_fewer_than_8_rows():
 
 def test_adapter_caps_cover_every_possible_count_once():
     assert adapter_caps(64, 128) == [4, 16, 32, 64]
+    assert adapter_caps(128, 128) == [4, 16, 32, 64, 128]
     assert adapter_caps(128, 8) == [4, 8]
     assert adapter_caps(2, 128) == [2]
     for rows, slots in ((1, 1), (8, 3), (24, 128), (128, 128)):
