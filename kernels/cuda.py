@@ -45,7 +45,7 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
     (t, k), vec = x.shape, 16 // x.element_size()
     splits, per_split = launch.split_k(k, 32 * vec, blocks.shape[0] * len(lora_a), x.device)
     buf = torch.empty(splits, len(lora_a), t, lora_a[0].shape[1], dtype=torch.float32, device=x.device)
-    ext.shrink(x, table, blocks, meta.sorted_rows, ranks, buf, per_split, k % vec == 0 and _aligned(vec, x, *lora_a))
+    ext.shrink(x, table, blocks, meta.sorted_rows, ranks, buf, per_split, k % vec == 0 and launch.vector_aligned(x, *lora_a))
     return buf
 
 
@@ -60,7 +60,7 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
     out = y if y.stride(1) == 1 else y.contiguous()
     vec = 16 // y.element_size()
     ext.expand(out, buf, table, blocks, meta.sorted_rows, ranks, scalings, max(b.shape[1] for b in lora_b),
-               max_rank % vec == 0 and _aligned(vec, *lora_b))
+               max_rank % vec == 0 and launch.vector_aligned(*lora_b))
     if out is not y:
         y.copy_(out)
 
@@ -85,7 +85,3 @@ def _checked_extension(t: torch.Tensor, max_rank: int) -> ModuleType:
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
-
-def _aligned(vec: int, *tensors: torch.Tensor) -> bool:
-    """16-byte loads need 16-byte aligned bases and strides that are whole vectors."""
-    return all(t.data_ptr() % 16 == 0 and all(s % vec == 0 for s in t.stride()[:-1]) for t in tensors)

@@ -34,6 +34,13 @@ def slice_table(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
     return table
 
 
+def vector_aligned(*tensors: torch.Tensor) -> bool:
+    """16-byte vector loads along the last dimension: unit last stride, 16-byte aligned base, and every
+    other stride a whole number of vectors."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s % (16 // t.element_size()) == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
 def num_programs_target(device: torch.device, per_sm: int = 4) -> int:
     """About per_sm programs per SM: enough loads in flight to keep HBM busy."""
     if device.type != "cuda":

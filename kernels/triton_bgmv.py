@@ -12,20 +12,19 @@ import triton.language as tl
 
 from kernels import launch
 from kernels.meta import LoRAMeta
+from kernels.triton_sgmv import slice_weights, vector_bounds, weights_aligned
 
 
 @triton.jit
 def _bgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, slot_ids_ptr, ranks_ptr, buf_ptr, T, K, R, k_per_split,
-                        HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                        HAS_RANKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
     r_id, pid_k, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slot_ids_ptr + r_id)
     if slot < 0:
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
-    row = table_ptr + j * 10
-    a_ptr = tl.load(row + 0).to(tl.pointer_type(x_ptr.dtype.element_ty))
-    a_ptr += slot.to(tl.int64) * tl.load(row + 1)
-    sa1, sa2 = tl.load(row + 2), tl.load(row + 3)
+    a_ptr, sa0, sa1, sa2 = slice_weights(table_ptr + j * 10, 0, x_ptr.dtype.element_ty, ALIGNED)
+    a_ptr += slot.to(tl.int64) * sa0
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
@@ -44,28 +43,29 @@ def _bgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, slot_ids_ptr, ranks_ptr, buf
 
 @triton.jit
 def _bgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, slot_ids_ptr, ranks_ptr, scalings_ptr,
-                        T, R, splits, HAS_RANKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                        T, R, splits, HAS_RANKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                        ALIGNED: tl.constexpr):
     r_id, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(slot_ids_ptr + r_id)
     row = table_ptr + j * 10
     n_out = tl.load(row + 8)
     if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
-    rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
+    rank, n_out, column = vector_bounds(tl.load(ranks_ptr + slot) if HAS_RANKS else R, n_out, tl.load(row + 9),
+                                        y_ptr.dtype.element_ty, ALIGNED)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     t = tl.zeros([BLOCK_R], dtype=tl.float32)
     for s in range(splits):
         t += tl.load(buf_ptr + ((s * tl.num_programs(2) + j) * T + r_id) * R + offs_r, mask=r_mask, other=0.0)
-    b_ptr = tl.load(row + 4).to(tl.pointer_type(y_ptr.dtype.element_ty))
-    b_ptr += slot.to(tl.int64) * tl.load(row + 5)
-    sb1, sb2 = tl.load(row + 6), tl.load(row + 7)
+    b_ptr, sb0, sb1, sb2 = slice_weights(row, 4, y_ptr.dtype.element_ty, ALIGNED)
+    b_ptr += slot.to(tl.int64) * sb0
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
     bt = tl.load(b_ptr + offs_n[:, None] * sb1 + offs_r[None, :] * sb2,
                  mask=n_mask[:, None] & r_mask[None, :], other=0.0)
     acc = tl.sum(bt.to(tl.float32) * t[None, :], axis=1) * tl.load(scalings_ptr + slot)
-    y_row = y_ptr + r_id.to(tl.int64) * sy0 + (tl.load(row + 9) + offs_n) * sy1
+    y_row = y_ptr + r_id.to(tl.int64) * sy0 + (column + offs_n) * sy1
     y_old = tl.load(y_row, mask=n_mask, other=0.0)
     tl.store(y_row, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=n_mask)
 
@@ -88,7 +88,8 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
     buf = torch.empty(splits, num_slices, t, max_rank, dtype=torch.float32, device=x.device)
     _bgmv_shrink_kernel[(t, splits, num_slices)](
         x, x.stride(0), x.stride(1), table, slot_ids, ranks if ranks is not None else table, buf, t, k,
-        max_rank, per_split, HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k)
+        max_rank, per_split, HAS_RANKS=ranks is not None, BLOCK_R=block_r, BLOCK_K=block_k,
+        ALIGNED=weights_aligned(lora_a, lora_b, offsets))
     return buf
 
 
@@ -101,7 +102,8 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
     grid = (t, triton.cdiv(max(b.shape[1] for b in lora_b), block_n), num_slices)
     _bgmv_expand_kernel[grid](
         y, y.stride(0), y.stride(1), buf, table, slot_ids, ranks if ranks is not None else table, scalings,
-        t, max_rank, splits, HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r)
+        t, max_rank, splits, HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r,
+        ALIGNED=weights_aligned(lora_a, lora_b, offsets))
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tensor],
