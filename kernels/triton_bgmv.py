@@ -51,8 +51,8 @@ def _bgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, slot_ids_ptr, ranks
     n_out = tl.load(row + 8)
     if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
-    rank, n_out, column = vector_bounds(tl.load(ranks_ptr + slot) if HAS_RANKS else R, n_out, tl.load(row + 9),
-                                        y_ptr.dtype.element_ty, ALIGNED)
+    rank, n_out, column = vector_bounds(row, tl.load(ranks_ptr + slot) if HAS_RANKS else R, y_ptr.dtype.element_ty,
+                                        ALIGNED)
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     t = tl.zeros([BLOCK_R], dtype=tl.float32)

@@ -46,9 +46,11 @@ def slice_weights(slice_row, col, dtype, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def vector_bounds(rank, n_out, column, dtype, ALIGNED: tl.constexpr):
-    """The expand's mask bounds and y column offset, declared whole vectors when ALIGNED so that B and y
-    are read in 16-byte vectors: rank rounds up (B's columns past an adapter's rank are zero padding)."""
+def vector_bounds(slice_row, rank, dtype, ALIGNED: tl.constexpr):
+    """The expand's mask bounds (rank, the slice's out size) and its column offset in y, declared whole
+    vectors when ALIGNED so that B and y are read in 16-byte vectors: rank rounds up (B's columns past an
+    adapter's rank are zero padding). Loaded here: a hint on a value computed by the caller is lost."""
+    n_out, column = tl.load(slice_row + 8), tl.load(slice_row + 9)
     if ALIGNED:
         vec: tl.constexpr = 128 // dtype.primitive_bitwidth
         rank = tl.multiple_of((rank + vec - 1) // vec * vec, vec)
@@ -78,13 +80,13 @@ def _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_h
 
 
 @triton.jit
-def _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, n_out, BLOCK_R: tl.constexpr,
+def _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, BLOCK_R: tl.constexpr,
                  ALIGNED: tl.constexpr):
     """B[slot, offs_n, :rank] transposed, and the y tile it adds into (pointers, mask, old values). Loaded
     before the rank vectors are summed, so these HBM reads overlap that work."""
     b_ptr, sb0, sb1, sb2 = slice_weights(slice_row, 4, y_ptr.dtype.element_ty, ALIGNED)
     b_ptr += slot.to(tl.int64) * sb0
-    rank, n_out, column = vector_bounds(rank, n_out, tl.load(slice_row + 9), y_ptr.dtype.element_ty, ALIGNED)
+    rank, n_out, column = vector_bounds(slice_row, rank, y_ptr.dtype.element_ty, ALIGNED)
     offs_r = tl.arange(0, BLOCK_R)
     n_mask = offs_n < n_out
     bt = tl.load(b_ptr + offs_n[None, :] * sb1 + offs_r[:, None] * sb2,
@@ -134,7 +136,7 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     bt, y_tile, mask, y_old = _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
-                                           pid_n * BLOCK_N + tl.arange(0, BLOCK_N), n_out, BLOCK_R, ALIGNED)
+                                           pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_R, ALIGNED)
     if PDL:  # B and y (written before the shrink started) are loaded; the partials need the shrink done
         tl.extra.cuda.gdc_wait()
     offs_r = tl.arange(0, BLOCK_R)
