@@ -79,6 +79,7 @@ class AdapterPool:
         self._failed: dict[Key, BaseException] = {}
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="adapter-load")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._copies_pending = False  # a slot copy was issued since the compute stream last waited
 
     # -- called from the step loop -------------------------------------------------------
     def request(self, adapter: LoRARequest) -> None:
@@ -141,9 +142,11 @@ class AdapterPool:
             self._lru[slot] = None
 
     def wait_copies(self) -> None:
-        """Make the compute stream wait for slot copies issued on the side stream."""
-        if self._copy_stream is not None:
+        """Make the compute stream wait for slot copies issued on the side stream (only when there are
+        new ones: a wait records an event, ~70 us of host time per step on an H100 host)."""
+        if self._copies_pending:
             torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            self._copies_pending = False
 
     def resident(self) -> list[str]:
         return [s.name for s in self._slots if s is not None]
@@ -174,6 +177,7 @@ class AdapterPool:
 
     def _copy_in(self, slot: int, host: HostAdapter) -> None:
         stream = self._copy_stream
+        self._copies_pending = stream is not None
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for m, a in self.lora_a.items():
                 a[:, slot].zero_()
