@@ -182,6 +182,28 @@ def test_large_segment_spans_many_blocks() -> None:
     assert_matches_reference(c, "triton_sgmv")
 
 
+@pytest.mark.parametrize("backend", ["triton_sgmv", "triton_bgmv", "triton_sgmv_pdl"])
+def test_weight_stacks_of_any_layout(backend: str) -> None:
+    """Views whose last stride is not 1 take the kernels' general path (no vector loads): same result."""
+    from kernels import launch
+
+    c = make_case(12, 32, (24, 8), num_slots=3, max_rank=8, dtype=torch.float32, device=DEVICE)
+    c["lora_a"] = [a.transpose(1, 2).contiguous().transpose(1, 2) for a in c["lora_a"]]
+    c["lora_b"] = [b.transpose(1, 2).contiguous().transpose(1, 2) for b in c["lora_b"]]
+    assert not launch.vector_aligned(*c["lora_a"]) and not launch.vector_aligned(*c["lora_b"])
+    assert_matches_reference(c, backend)
+
+
+def test_vector_aligned_needs_unit_stride_aligned_base_and_whole_vector_strides() -> None:
+    from kernels import launch
+
+    stack = torch.zeros(4, 16, 64, dtype=torch.float16)  # 8 halves to a 16-byte vector
+    assert launch.vector_aligned(stack, stack[1:], stack[:, :, :8])
+    assert not launch.vector_aligned(stack[:, :, 1:])  # base 2 bytes past a vector boundary
+    assert not launch.vector_aligned(torch.zeros(4, 16, 60, dtype=torch.float16))  # rows of 7.5 vectors
+    assert not launch.vector_aligned(stack.transpose(1, 2))
+
+
 def test_writes_only_its_columns_of_a_strided_output() -> None:
     c = make_case(10, 32, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
     big = torch.randn(10, 40)
