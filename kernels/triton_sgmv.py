@@ -162,7 +162,7 @@ class Plan:
         self.block_r = max(16, triton.next_power_of_2(self.max_rank))  # tl.dot needs dimensions >= 16
         self.block_k = 128 if self.block_r <= 32 else 64
         self.block_n = 128
-        self.num_warps, self.expand_warps = 4, 4  # shrink, expand
+        self.shrink_warps, self.expand_warps = 4, 4
         self.num_stages = 3
         self.pdl = False
         self.aligned = weights_aligned(lora_a, lora_b, offsets)
@@ -172,7 +172,7 @@ class Plan:
         # 32 programs per SM are within 3% of the best tile everywhere, 6% faster than 4/3/16 on average.
         per_sm = 16
         if t <= 256 and self.block_r <= 32:
-            self.num_warps, self.num_stages, per_sm = 2, 4, 32
+            self.shrink_warps, self.num_stages, per_sm = 2, 4, 32
         self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, self.blocks.shape[0] * num_slices,
                                                        x.device, per_sm=per_sm)
 
@@ -196,7 +196,7 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
         x, x.stride(0), x.stride(1), table, plan.blocks, meta.sorted_rows, ranks if ranks is not None else table,
         buf, t, plan.k, plan.max_rank, plan.k_per_split, HAS_RANKS=ranks is not None,
         DOT_PRECISION=_precision(x), BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k,
-        PDL=plan.pdl, ALIGNED=plan.aligned, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        PDL=plan.pdl, ALIGNED=plan.aligned, num_warps=plan.shrink_warps, num_stages=plan.num_stages)
     return buf
 
 
