@@ -11,12 +11,10 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from kernels.meta import _describe
+from kernels.checks import FLOAT_DTYPES, check_op_backend, describe, use_triton
 
-BACKENDS = ("torch", "triton", "auto")
 MAX_HIDDEN = 32768  # one row of RMSNorm is one block in registers
 MAX_HEAD_DIM = 512
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
@@ -25,7 +23,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x, residual [T, H] (row stride arbitrary, last dim contiguous); weight [H] in x's dtype. Both outputs
     are fresh contiguous tensors, but h is x itself when there is no residual."""
     _check_rms_norm(x, weight, eps, residual, backend)
-    if _use_triton(backend, x):
+    if use_triton(backend, x):
         return _rms_norm_triton(x, weight, float(eps), residual)
     return _rms_norm_torch(x, weight, float(eps), residual)
 
@@ -35,7 +33,7 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """In place: q = q*cos + rotate_half(q)*sin, the same for k. q [T, Hq, D], k [T, Hk, D] (arbitrary row
     and head strides, last dim contiguous: views into one qkv tensor); cos, sin [T, D] in q's dtype."""
     _check_rotary(q, k, cos, sin, backend)
-    if _use_triton(backend, q):
+    if use_triton(backend, q):
         _rotary_triton(q, k, cos, sin)
     else:
         _rotary_torch(q, k, cos, sin)
@@ -45,13 +43,9 @@ def silu_and_mul(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tenso
     """gate_up [T, 2I] (gate first, then up; row stride arbitrary, last dim contiguous) -> silu(gate) * up,
     a fresh contiguous [T, I] tensor."""
     _check_silu_and_mul(gate_up, backend)
-    if _use_triton(backend, gate_up):
+    if use_triton(backend, gate_up):
         return _silu_and_mul_triton(gate_up)
     return _silu_and_mul_torch(gate_up)
-
-
-def _use_triton(backend: str, t: torch.Tensor) -> bool:
-    return backend == "triton" or (backend == "auto" and t.is_cuda)
 
 
 # --- the references: transformers' Llama lines, eager --------------------------------------------------------
@@ -192,60 +186,55 @@ def _silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 # --- argument checks (host-only: shapes, dtypes, devices) ---------------------------------------------------
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-
-
 def _is_rows(t: object, ndim: int) -> bool:
     """A float tensor of ndim dims whose last dim is contiguous."""
-    return (isinstance(t, torch.Tensor) and t.dim() == ndim and t.dtype in _FLOAT_DTYPES
+    return (isinstance(t, torch.Tensor) and t.dim() == ndim and t.dtype in FLOAT_DTYPES
             and (t.shape[-1] <= 1 or t.stride(-1) == 1))
 
 
 def _check_rms_norm(x, weight, eps, residual, backend) -> None:
-    _check_backend(backend)
+    check_op_backend(backend)
     if not _is_rows(x, 2):
         raise ValueError("x: expected a [T, H] float16/bfloat16/float32 tensor with a contiguous last dim, "
-                         f"got {_describe(x)}{_strides(x)}")
+                         f"got {describe(x)}{_strides(x)}")
     hidden = x.shape[1]
     if not 0 < hidden <= MAX_HIDDEN:
         raise ValueError(f"x: hidden size must lie in [1, {MAX_HIDDEN}], got {hidden}")
     if (not isinstance(weight, torch.Tensor) or weight.shape != (hidden,) or weight.dtype != x.dtype
             or weight.device != x.device or not weight.is_contiguous()):
         raise ValueError(f"weight: expected a contiguous [{hidden}] {x.dtype} tensor on {x.device}, "
-                         f"got {_describe(weight)}")
+                         f"got {describe(weight)}")
     if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
     if residual is not None and (not _is_rows(residual, 2) or residual.shape != x.shape
                                  or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(f"residual: expected a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device} with a "
-                         f"contiguous last dim, got {_describe(residual)}{_strides(residual)}")
+                         f"contiguous last dim, got {describe(residual)}{_strides(residual)}")
 
 
 def _check_rotary(q, k, cos, sin, backend) -> None:
-    _check_backend(backend)
+    check_op_backend(backend)
     if not _is_rows(q, 3):
         raise ValueError("q: expected a [T, Hq, D] float16/bfloat16/float32 tensor with a contiguous last dim, "
-                         f"got {_describe(q)}{_strides(q)}")
+                         f"got {describe(q)}{_strides(q)}")
     tokens, _, head_dim = q.shape
     if head_dim % 2 or not 0 < head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q: head dim must be even and in [2, {MAX_HEAD_DIM}], got {head_dim}")
     if not _is_rows(k, 3) or k.shape[0] != tokens or k.shape[2] != head_dim or k.dtype != q.dtype \
             or k.device != q.device:
         raise ValueError(f"k: expected a {q.dtype} [{tokens}, Hk, {head_dim}] tensor on {q.device} with a "
-                         f"contiguous last dim, got {_describe(k)}{_strides(k)}")
+                         f"contiguous last dim, got {describe(k)}{_strides(k)}")
     for name, t in (("cos", cos), ("sin", sin)):
         if not _is_rows(t, 2) or t.shape != (tokens, head_dim) or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name}: expected a {q.dtype} [{tokens}, {head_dim}] tensor on {q.device} with a "
-                             f"contiguous last dim, got {_describe(t)}{_strides(t)}")
+                             f"contiguous last dim, got {describe(t)}{_strides(t)}")
 
 
 def _check_silu_and_mul(gate_up, backend) -> None:
-    _check_backend(backend)
+    check_op_backend(backend)
     if not _is_rows(gate_up, 2) or gate_up.shape[1] % 2:
         raise ValueError("gate_up: expected a [T, 2I] float16/bfloat16/float32 tensor (even last dim, "
-                         f"contiguous) got {_describe(gate_up)}{_strides(gate_up)}")
+                         f"contiguous) got {describe(gate_up)}{_strides(gate_up)}")
 
 
 def _strides(t: object) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.checks import describe
+
 
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -78,7 +80,7 @@ class LoRAMeta:
 
 def check_slot_ids(slot_ids: torch.Tensor, num_slots: int, max_adapters: int | None = None) -> None:
     if not isinstance(slot_ids, torch.Tensor) or slot_ids.dtype != torch.int32 or slot_ids.dim() != 1:
-        raise ValueError(f"slot_ids: expected a 1-D int32 tensor, got {_describe(slot_ids)}")
+        raise ValueError(f"slot_ids: expected a 1-D int32 tensor, got {describe(slot_ids)}")
     if not isinstance(num_slots, int) or num_slots < 0:
         raise ValueError(f"num_slots: expected an int >= 0, got {num_slots!r}")
     if slot_ids.numel() == 0 or _capturing(slot_ids):
@@ -89,9 +91,3 @@ def check_slot_ids(slot_ids: torch.Tensor, num_slots: int, max_adapters: int | N
                          f"got min {lo} and max {hi}")
     if max_adapters is not None and int((torch.unique(slot_ids) >= 0).sum()) > max_adapters:
         raise ValueError(f"slot_ids: more than max_adapters={max_adapters} distinct slots")
-
-
-def _describe(t: object) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
-    return type(t).__name__

@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.meta import LoRAMeta, _describe
+from kernels.checks import FLOAT_DTYPES, describe
+from kernels.meta import LoRAMeta
 from kernels.reference import add_lora_gather_bmm, add_lora_loop, add_lora_torch
 
 BACKENDS = ("torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv", "triton_sgmv_pdl", "cuda", "auto")
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -74,13 +74,13 @@ def _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend) -> li
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     for name, t in (("y", y), ("x", x)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}: expected a 2-D float16/bfloat16/float32 tensor, got {_describe(t)}")
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a 2-D float16/bfloat16/float32 tensor, got {describe(t)}")
     device, dtype, (t, d_in) = x.device, x.dtype, x.shape
     if y.shape[0] != t:
         raise ValueError(f"y: expected {t} rows like x, got shape {tuple(y.shape)}")
     if y.device != device or y.dtype != dtype:
-        raise ValueError(f"y: expected {dtype} on {device} like x, got {_describe(y)}")
+        raise ValueError(f"y: expected {dtype} on {device} like x, got {describe(y)}")
     if not lora_a or len(lora_a) != len(lora_b):
         raise ValueError(f"lora_a, lora_b: expected the same number (>= 1) of slices, got {len(lora_a)} "
                          f"and {len(lora_b)}")
@@ -90,7 +90,7 @@ def _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend) -> li
         sfx = f"[{j}]" if len(lora_a) > 1 else ""
         for name, w in ((f"lora_a{sfx}", a), (f"lora_b{sfx}", b)):
             if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.dtype != dtype or w.device != device:
-                raise ValueError(f"{name}: expected a 3-D {dtype} tensor on {device}, got {_describe(w)}")
+                raise ValueError(f"{name}: expected a 3-D {dtype} tensor on {device}, got {describe(w)}")
         if num_slots is None:
             num_slots, max_rank = a.shape[0], a.shape[1]
         if a.shape != (num_slots, max_rank, d_in):
@@ -106,15 +106,15 @@ def _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend) -> li
     if not isinstance(slot_ids, torch.Tensor) or slot_ids.shape != (t,) or slot_ids.dtype != torch.int32 \
             or slot_ids.device != device:
         raise ValueError(f"slot_ids: expected an int32 tensor of shape ({t},) on {device}, got "
-                         f"{_describe(slot_ids)}")
+                         f"{describe(slot_ids)}")
     if not isinstance(scalings, torch.Tensor) or scalings.shape != (num_slots,) \
             or scalings.dtype != torch.float32 or scalings.device != device:
         raise ValueError(f"scalings: expected a float32 tensor of shape ({num_slots},) on {device}, got "
-                         f"{_describe(scalings)}")
+                         f"{describe(scalings)}")
     if ranks is not None and (not isinstance(ranks, torch.Tensor) or ranks.shape != (num_slots,)
                               or ranks.dtype != torch.int32 or ranks.device != device):
         raise ValueError(f"ranks: expected an int32 tensor of shape ({num_slots},) on {device}, got "
-                         f"{_describe(ranks)}")
+                         f"{describe(ranks)}")
     if meta is not None and (not isinstance(meta, LoRAMeta) or meta.num_rows != t
                              or meta.num_slots != num_slots or meta.slot_ids.device != device):
         raise ValueError(f"meta: expected a LoRAMeta built for {t} rows and {num_slots} slots on {device}, "

@@ -13,11 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.meta import _describe
+from kernels.checks import FLOAT_DTYPES, check_op_backend, describe, use_triton
 
-BACKENDS = ("torch", "triton", "auto")
 MIN_TRITON_HEAD_DIM = 16  # tl.dot needs 16 along the reduced dimension; other sizes are masked
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 64
 
@@ -31,12 +29,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     [num_cache_slots, Hkv, D]; returns [B, Hq, D] in q's dtype (into out if given). A sequence with no
     keys gets zeros. Checks are structural only (no device sync)."""
     _check(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, backend, out)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.shape[0] > 0:
-        run = attention_triton if backend == "triton" else _attention_torch
+        run = attention_triton if use_triton(backend, q) else _attention_torch
         run(q, k_cache, v_cache, block_tables, context_lens, block_size, float(scale), out)
     return out
 
@@ -181,20 +177,19 @@ def attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # --- argument checks (host-only: shapes, dtypes, devices) ---------------------------------------------------
 
 def _check(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, backend, out) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q: expected a [B, Hq, D] float16/bfloat16/float32 tensor, got {_describe(q)}")
+    check_op_backend(backend)
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or q.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"q: expected a [B, Hq, D] float16/bfloat16/float32 tensor, got {describe(q)}")
     if q.stride(-1) != 1:
         raise ValueError(f"q: the last dimension must be contiguous, got strides {q.stride()}")
     batch, num_heads, head_dim = q.shape
-    if head_dim < MIN_TRITON_HEAD_DIM and (backend == "triton" or (backend == "auto" and q.is_cuda)):
+    if head_dim < MIN_TRITON_HEAD_DIM and use_triton(backend, q):
         raise ValueError(f"q: the triton backend needs a head dim >= {MIN_TRITON_HEAD_DIM}, got {head_dim}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if (not isinstance(c, torch.Tensor) or c.dim() != 3 or c.dtype != q.dtype or c.device != q.device
                 or c.shape[2] != head_dim or not c.is_contiguous()):
             raise ValueError(f"{name}: expected a contiguous [num_cache_slots, Hkv, {head_dim}] {q.dtype} tensor "
-                             f"on {q.device}, got {_describe(c)}")
+                             f"on {q.device}, got {describe(c)}")
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: expected the shape of k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     num_kv_heads = k_cache.shape[1]
@@ -203,11 +198,11 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b
     if (not isinstance(block_tables, torch.Tensor) or block_tables.dim() != 2 or block_tables.dtype != torch.int32
             or block_tables.shape[0] != batch or block_tables.device != q.device):
         raise ValueError(f"block_tables: expected an int32 [{batch}, max_blocks] tensor on {q.device}, "
-                         f"got {_describe(block_tables)}")
+                         f"got {describe(block_tables)}")
     if (not isinstance(context_lens, torch.Tensor) or context_lens.dtype != torch.int32
             or context_lens.shape != (batch,) or context_lens.device != q.device):
         raise ValueError(f"context_lens: expected an int32 [{batch}] tensor on {q.device}, "
-                         f"got {_describe(context_lens)}")
+                         f"got {describe(context_lens)}")
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size: expected an int >= 1, got {block_size!r}")
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not scale > 0:
@@ -215,4 +210,4 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, block_size, scale, b
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype
                             or out.device != q.device or out.stride(-1) != 1):
         raise ValueError(f"out: expected a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with a "
-                         f"contiguous last dimension, got {_describe(out)}")
+                         f"contiguous last dimension, got {describe(out)}")
