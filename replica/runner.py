@@ -86,9 +86,8 @@ class ModelRunner:
             self.device,
         )
         lora = None
-        num_adapters = len({s.slot for s in step.seqs if s.slot >= 0})
+        num_adapters = self._adapters_ready(step.seqs)
         if num_adapters:  # else a base-only step: skip every LoRA call
-            self.pool.wait_copies()
             # the adapter count sizes the kernels' tiles and picks the backend: a prefill over few
             # adapters is a few long segments, not one per slot
             lora = self._lora_batch(torch.tensor(slot_ids, dtype=torch.int32, device=self.device), num_adapters)
@@ -132,14 +131,20 @@ class ModelRunner:
         rows[n:padded, :BLOCKS] = self._padding[:BLOCKS]
         inputs = self._decode_inputs[:padded]
         inputs.copy_(self._decode_host[:padded], non_blocking=True)
-        num_adapters = len({s.slot for s in seqs if s.slot >= 0})
-        if num_adapters:
-            self.pool.wait_copies()
+        num_adapters = self._adapters_ready(seqs)
         if self.graphs is not None:
             logits = self.graphs.replay(padded, num_adapters)
         else:
             logits = self._decode_logits(inputs, num_adapters)
         return done, logits[done_rows] if len(done_rows) < padded else logits
+
+    def _adapters_ready(self, seqs: list[Sequence]) -> int:
+        """How many distinct adapters the step's sequences use; with any, their slot copies are made
+        visible to the compute stream first."""
+        num_adapters = len({s.slot for s in seqs if s.slot >= 0})
+        if num_adapters:
+            self.pool.wait_copies()
+        return num_adapters
 
     def _decode_logits(self, inputs: torch.Tensor, max_adapters: int) -> torch.Tensor:
         """The decode forward over packed inputs, with LoRA for at most max_adapters distinct adapters
