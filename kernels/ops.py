@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 
 import torch
 
@@ -31,36 +33,74 @@ def add_lora_slices(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Ten
     """
     lora_a, lora_b = tuple(lora_a), tuple(lora_b)
     offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
-    if meta is None:
-        meta = LoRAMeta.build(slot_ids, lora_a[0].shape[0])  # checks the slot ids' range
-        if ranks is not None:
-            _check_rank_values(ranks, lora_a[0].shape[1])
+    meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
     if y.shape[0] == 0 or meta.num_slots == 0:
         return
-    fn = resolve_backend(backend, x, lora_a, lora_b, meta.max_adapters)
+    fn = _backend_fn(backend_name(backend, x, lora_a, lora_b, meta.max_adapters))
     fn(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
 
 
-def resolve_backend(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> Callable:
-    if backend == "auto":
-        from kernels.auto import choose_backend
+def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Tensor],
+                lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor, *,
+                ranks: torch.Tensor | None = None, meta: LoRAMeta | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """x @ weight.T plus add_lora_slices' delta (weight: [sum of lora_b's out sizes, in]), as a new tensor.
 
-        backend = choose_backend(x, lora_a, lora_b, adapters)
-    if backend == "torch":
+    With a backend that works in two launches (shrink x @ A, then expand into y) the shrink needs only x,
+    so on a GPU it runs on a side stream while the base GEMM runs and the expand waits for both: inside a
+    decode CUDA graph that takes the shrink off the step's critical path.
+    """
+    _check_matrix("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
+            or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight: expected a 2-D {x.dtype} tensor [out, {x.shape[1]}] on {x.device}, "
+                         f"got {describe(weight)}")
+    lora_a, lora_b = tuple(lora_a), tuple(lora_b)
+    if all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in lora_b) \
+            and weight.shape[0] != (out := sum(b.shape[1] for b in lora_b)):
+        raise ValueError(f"weight: expected {out} rows (the sum of lora_b's out sizes), got {weight.shape[0]}")
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
+    meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
+    name = backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
+    phases = _two_phase(name)
+    if phases is None or y.shape[0] == 0 or meta.num_slots == 0:
+        torch.mm(x, weight.t(), out=y)
+        if y.shape[0] and meta.num_slots:
+            _backend_fn(name)(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
+        return y
+    with _side_stream(x.device) as join:
+        buf = phases.shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
+    torch.mm(x, weight.t(), out=y)
+    join(buf)
+    phases.expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
+    return y
+
+
+def backend_name(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> str:
+    if backend != "auto":
+        return backend
+    from kernels.auto import choose_backend
+
+    return choose_backend(x, lora_a, lora_b, adapters)
+
+
+def _backend_fn(name: str) -> Callable:
+    if name == "torch":
         return add_lora_torch
-    if backend == "loop":
+    if name == "loop":
         return add_lora_loop
-    if backend == "gather_bmm":
+    if name == "gather_bmm":
         return add_lora_gather_bmm
-    if backend == "triton_sgmv":
+    if name == "triton_sgmv":
         from kernels.triton_sgmv import add_lora_sgmv
 
         return add_lora_sgmv
-    if backend == "triton_bgmv":
+    if name == "triton_bgmv":
         from kernels.triton_bgmv import add_lora_bgmv
 
         return add_lora_bgmv
-    if backend == "triton_sgmv_pdl":
+    if name == "triton_sgmv_pdl":
         from kernels.triton_sgmv import add_lora_sgmv_pdl
 
         return add_lora_sgmv_pdl
@@ -69,13 +109,59 @@ def resolve_backend(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple,
     return add_lora_cuda
 
 
+def _two_phase(name: str) -> ModuleType | None:
+    """The module with shrink() and expand() of a two-launch backend. triton_sgmv_pdl's overlap of its two
+    launches does not apply here: the expand's other input comes from the GEMM on the main stream."""
+    if name in ("triton_sgmv", "triton_sgmv_pdl"):
+        from kernels import triton_sgmv
+
+        return triton_sgmv
+    if name == "triton_bgmv":
+        from kernels import triton_bgmv
+
+        return triton_bgmv
+    if name == "cuda":
+        from kernels import cuda
+
+        return cuda
+    return None
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device) -> Iterator[Callable[[torch.Tensor], None]]:
+    """Work in the block runs on a second stream that starts where the current one is; join(t) makes the
+    current stream wait for it and keeps t's memory from reuse until then. Off CUDA: the same stream."""
+    if device.type != "cuda":
+        yield lambda t: None
+        return
+    main = torch.cuda.current_stream(device)
+    side = _side_streams.setdefault(device, torch.cuda.Stream(device))
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        yield lambda t: (main.wait_stream(side), t.record_stream(main))
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _build_meta(slot_ids: torch.Tensor, lora_a: tuple, ranks: torch.Tensor | None) -> LoRAMeta:
+    meta = LoRAMeta.build(slot_ids, lora_a[0].shape[0])  # checks the slot ids' range
+    if ranks is not None:
+        _check_rank_values(ranks, lora_a[0].shape[1])
+    return meta
+
+
+def _check_matrix(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a 2-D float16/bfloat16/float32 tensor, got {describe(t)}")
+
+
 def _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend) -> list[int]:
     """Structural checks (no device sync); returns the column offset of every slice."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     for name, t in (("y", y), ("x", x)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name}: expected a 2-D float16/bfloat16/float32 tensor, got {describe(t)}")
+        _check_matrix(name, t)
     device, dtype, (t, d_in) = x.device, x.dtype, x.shape
     if y.shape[0] != t:
         raise ValueError(f"y: expected {t} rows like x, got shape {tuple(y.shape)}")

@@ -79,14 +79,11 @@ class LoRABatch:
     meta: Any  # kernels.LoRAMeta, built once per step
     backend: str
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: tuple[str, ...]) -> None:
-        a = [self.lora_a[m][layer] for m in modules]
-        b = [self.lora_b[m][layer] for m in modules]
-        args = dict(ranks=self.ranks, meta=self.meta, backend=self.backend)
-        if len(modules) == 1:
-            kernels.add_lora(y, x, a[0], b[0], self.slot_ids, self.scalings, **args)
-        else:
-            kernels.add_lora_slices(y, x, a, b, self.slot_ids, self.scalings, **args)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, layer: int, modules: tuple[str, ...]) -> torch.Tensor:
+        """x @ weight.T plus each row's adapter delta of these (merged) modules."""
+        return kernels.linear_lora(x, weight, [self.lora_a[m][layer] for m in modules],
+                                   [self.lora_b[m][layer] for m in modules], self.slot_ids, self.scalings,
+                                   ranks=self.ranks, meta=self.meta, backend=self.backend)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -145,10 +142,7 @@ class DecoderLayer(nn.Module):
     def _linear(
         self, x: torch.Tensor, weight: torch.Tensor, lora: LoRABatch | None, modules: tuple[str, ...]
     ) -> torch.Tensor:
-        y = F.linear(x, weight)
-        if lora is not None:
-            lora.add(y, x, self.index, modules)
-        return y
+        return F.linear(x, weight) if lora is None else lora.linear(x, weight, self.index, modules)
 
     def forward(
         self,

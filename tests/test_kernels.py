@@ -219,6 +219,34 @@ def test_writes_only_its_columns_of_a_strided_output() -> None:
     torch.testing.assert_close(view, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", (*CPU_BACKENDS, "torch", "auto"))
+@pytest.mark.parametrize("case", ["unsorted_with_no_adapter_rows", "multi_slice_mixed_ranks", "all_rows_no_adapter"])
+def test_linear_lora_is_the_base_projection_plus_the_delta(backend: str, case: str) -> None:
+    """The two-launch backends run their shrink before the base GEMM (on a side stream on a GPU): the same
+    result as the GEMM followed by add_lora_slices."""
+    t, d_in, outs, slots, rank, slot_ids, ranks = CASES[case]
+    c = make_case(t, d_in, outs, slots, rank, torch.float32, slot_ids, ranks, seed=t + 7, device=DEVICE)
+    weight = torch.randn(sum(outs), d_in, generator=torch.Generator().manual_seed(t)).to(DEVICE)
+    c["y"] = c["x"] @ weight.T
+    got = kernels.linear_lora(c["x"], weight, c["lora_a"], c["lora_b"], c["slot_ids"], c["scalings"],
+                              ranks=c["ranks"], backend=backend)
+    torch.testing.assert_close(got, run(c, "torch"), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_lora_checks_the_weight_and_handles_empty_batches() -> None:
+    c = make_case(5, 16, (8, 4), num_slots=2, max_rank=4, dtype=torch.float32)
+    args = (c["lora_a"], c["lora_b"], c["slot_ids"], c["scalings"])
+    for weight in (torch.randn(12, 15), torch.randn(12, 16, dtype=torch.float16), torch.randn(12)):
+        with pytest.raises(ValueError, match=r"^weight"):
+            kernels.linear_lora(c["x"], weight, *args)
+    with pytest.raises(ValueError, match=r"^weight: expected 12 rows"):
+        kernels.linear_lora(c["x"], torch.randn(11, 16), *args)
+    empty = make_case(0, 16, (8, 4), num_slots=2, max_rank=4, dtype=torch.float32)
+    out = kernels.linear_lora(empty["x"], torch.randn(12, 16), empty["lora_a"], empty["lora_b"],
+                              empty["slot_ids"], empty["scalings"], backend="triton_sgmv")
+    assert out.shape == (0, 12)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 def test_cuda_backend_explains_why_it_cannot_run() -> None:
     c = make_case(4, 16, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
@@ -272,6 +300,7 @@ def test_bad_slice_lists_are_rejected() -> None:
 
 
 def test_package_exports_the_contract() -> None:
+    assert {"add_lora", "add_lora_slices", "linear_lora", "LoRAMeta"} <= set(kernels.__all__)
     assert set(kernels.BACKENDS) == {"torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv",
                                      "triton_sgmv_pdl", "cuda", "auto"}
 
