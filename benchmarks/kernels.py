@@ -130,7 +130,10 @@ def layer_benchmark(timer: Callable, eager: Callable, backends: tuple[str, ...],
     problems = {name: Problem("decode", t, adapters, d_in // scale, tuple(o // scale for o in outs), rank,
                               torch.bfloat16 if device == "cuda" else torch.float32, device, seed=i)
                 for i, (name, (d_in, outs)) in enumerate(LLAMA3_8B.items())}
-    weights = {n: torch.randn(p.d_in, sum(p.outs), device=device, dtype=p.x.dtype) for n, p in problems.items()}
+    # Scaled like a trained layer's (outputs of the size of the inputs), so that the bf16 rounding of the
+    # GEMM's output does not swamp the LoRA delta in linear_lora's check.
+    weights = {n: torch.randn(p.d_in, sum(p.outs), device=device, dtype=p.x.dtype) * p.d_in**-0.5
+               for n, p in problems.items()}
     ys = {n: p.y0.clone() for n, p in problems.items()}
     base_us = timer(lambda: [p.x @ weights[n] for n, p in problems.items()])
     result = {"t": t, "adapters": adapters, "rank": rank, "base_gemm_us": base_us, "lora_us": {}}
