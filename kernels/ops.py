@@ -36,7 +36,7 @@ def add_lora_slices(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Ten
     meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
     if y.shape[0] == 0 or meta.num_slots == 0:
         return
-    fn = _backend_fn(backend_name(backend, x, lora_a, lora_b, meta.max_adapters))
+    fn = _backend_fn(_backend_name(backend, x, lora_a, lora_b, meta.max_adapters))
     fn(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
 
 
@@ -62,7 +62,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
     meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
-    name = backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
+    name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
     phases = _two_phase(name)
     if phases is None or y.shape[0] == 0 or meta.num_slots == 0:
         torch.mm(x, weight.t(), out=y)
@@ -80,7 +80,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     return y
 
 
-def backend_name(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> str:
+def _backend_name(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> str:
     if backend != "auto":
         return backend
     from kernels.auto import choose_backend
@@ -138,7 +138,9 @@ class _Fork:
     def __init__(self, device: torch.device) -> None:
         self.main = torch.cuda.current_stream(device) if device.type == "cuda" else None
         if self.main is not None:
-            self.stream = _side_streams.setdefault(device, torch.cuda.Stream(device))
+            if device not in _side_streams:
+                _side_streams[device] = torch.cuda.Stream(device)
+            self.stream = _side_streams[device]
             self.stream.wait_stream(self.main)
 
     def side(self) -> contextlib.AbstractContextManager:
