@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
-from types import ModuleType
 
 import torch
 
@@ -63,8 +63,8 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
     meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
     name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
-    phases = _two_phase(name)
-    if phases is None or y.shape[0] == 0 or meta.num_slots == 0:
+    phases = _two_phase(name, x, lora_a, lora_b, meta, offsets) if y.shape[0] and meta.num_slots else None
+    if phases is None:
         torch.mm(x, weight.t(), out=y)
         if y.shape[0] and meta.num_slots:
             _backend_fn(name)(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
@@ -73,10 +73,11 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     # over 8 adapters took 200 us that way, 206 us with the shrink queued first, 213 us on one stream.
     fork = _Fork(x.device)
     torch.mm(x, weight.t(), out=y)
+    shrink, expand = phases
     with fork.side():
-        buf = phases.shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
+        buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
     fork.join(buf)
-    phases.expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
+    expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
     return y
 
 
@@ -112,21 +113,24 @@ def _backend_fn(name: str) -> Callable:
     return add_lora_cuda
 
 
-def _two_phase(name: str) -> ModuleType | None:
-    """The module with shrink() and expand() of a two-launch backend. triton_sgmv_pdl's overlap of its two
-    launches does not apply here: the expand's other input comes from the GEMM on the main stream."""
+def _two_phase(name: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, meta: LoRAMeta,
+               offsets: Sequence[int]) -> tuple[Callable, Callable] | None:
+    """(shrink, expand) of a two-launch backend, sharing one tile plan (built once per call, as in
+    add_lora_sgmv). triton_sgmv_pdl's overlap of its two launches does not apply here: the expand's other
+    input comes from the GEMM on the main stream."""
     if name in ("triton_sgmv", "triton_sgmv_pdl"):
         from kernels import triton_sgmv
 
-        return triton_sgmv
+        plan = triton_sgmv.Plan(x, lora_a, lora_b, meta, offsets)
+        return functools.partial(triton_sgmv.shrink, plan=plan), functools.partial(triton_sgmv.expand, plan=plan)
     if name == "triton_bgmv":
         from kernels import triton_bgmv
 
-        return triton_bgmv
+        return triton_bgmv.shrink, triton_bgmv.expand
     if name == "cuda":
         from kernels import cuda
 
-        return cuda
+        return cuda.shrink, cuda.expand
     return None
 
 
