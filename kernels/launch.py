@@ -49,11 +49,11 @@ def num_programs_target(device: torch.device, per_sm: int = 4) -> int:
 
 
 def split_k(k: int, block_k: int, programs_without_split: int, device: torch.device,
-            per_sm: int = 4) -> tuple[int, int]:
+            per_sm: int = 4, max_splits: int = 16) -> tuple[int, int]:
     """(splits, k per split): the reduction over `in` is cut in parts when rows alone give too few
     programs (decode); the expand step sums the parts, so no zeroing or atomics are needed."""
     k_blocks = -(-k // block_k)
     want = max(1, num_programs_target(device, per_sm) // max(1, programs_without_split))
-    splits = min(1 << (want.bit_length() - 1), k_blocks, 16)
+    splits = min(1 << (want.bit_length() - 1), k_blocks, max_splits)
     per_split = -(-k_blocks // splits) * block_k
     return -(-k // per_split), per_split

@@ -121,7 +121,7 @@ def _two_phase(name: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, meta: L
     if name in ("triton_sgmv", "triton_sgmv_pdl"):
         from kernels import triton_sgmv
 
-        plan = triton_sgmv.Plan(x, lora_a, lora_b, meta, offsets)
+        plan = triton_sgmv.Plan(x, lora_a, lora_b, meta, offsets, beside_gemm=True)
         return functools.partial(triton_sgmv.shrink, plan=plan), functools.partial(triton_sgmv.expand, plan=plan)
     if name == "triton_bgmv":
         from kernels import triton_bgmv
