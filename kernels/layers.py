@@ -18,15 +18,14 @@ MAX_HEAD_DIM = 512
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
-             delta: torch.Tensor | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x (+ delta) (+ residual), each sum rounded to x.dtype in that order; returns (RMSNorm(h) * weight,
-    h). delta is a projection's LoRA delta (linear_lora_delta), added here instead of by a launch of its own.
-    x, delta, residual [T, H] (row stride arbitrary, last dim contiguous); weight [H] in x's dtype. Both
-    outputs are fresh contiguous tensors, but h is x itself when there is neither delta nor residual."""
-    _check_rms_norm(x, weight, eps, residual, delta, backend)
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x if residual is None else (x + residual) rounded to x.dtype; returns (RMSNorm(h) * weight, h).
+    x, residual [T, H] (row stride arbitrary, last dim contiguous); weight [H] in x's dtype. Both outputs
+    are fresh contiguous tensors, but h is x itself when there is no residual."""
+    _check_rms_norm(x, weight, eps, residual, backend)
     if use_triton(backend, x):
-        return _rms_norm_triton(x, weight, float(eps), residual, delta)
-    return _rms_norm_torch(x, weight, float(eps), residual, delta)
+        return _rms_norm_triton(x, weight, float(eps), residual)
+    return _rms_norm_torch(x, weight, float(eps), residual)
 
 
 def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -40,15 +39,13 @@ def rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         _rotary_torch(q, k, cos, sin)
 
 
-def silu_and_mul(gate_up: torch.Tensor, *, delta: torch.Tensor | None = None,
-                 backend: str = "auto") -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """gate_up [T, 2I] (gate first, then up; row stride arbitrary, last dim contiguous) -> silu(gate) * up,
-    a fresh contiguous [T, I] tensor. With delta (gate_up's LoRA delta, same shape), gate_up + delta rounded
-    to its dtype first."""
-    _check_silu_and_mul(gate_up, delta, backend)
+    a fresh contiguous [T, I] tensor."""
+    _check_silu_and_mul(gate_up, backend)
     if use_triton(backend, gate_up):
-        return _silu_and_mul_triton(gate_up, delta)
-    return _silu_and_mul_torch(gate_up, delta)
+        return _silu_and_mul_triton(gate_up)
+    return _silu_and_mul_torch(gate_up)
 
 
 # --- the references: transformers' Llama lines, eager --------------------------------------------------------
@@ -58,10 +55,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                    delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    h = x if delta is None else x + delta
-    h = h if residual is None else h + residual
+def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                    residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    h = x if residual is None else x + residual
     hf = h.float()
     normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(h.dtype), h
@@ -73,8 +69,8 @@ def _rotary_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
         t.copy_(t * cos + rotate_half(t) * sin)
 
 
-def _silu_and_mul_torch(gate_up: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    gate, up = (gate_up if delta is None else gate_up + delta).chunk(2, dim=-1)
+def _silu_and_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
 
@@ -84,40 +80,35 @@ def _silu_and_mul_torch(gate_up: torch.Tensor, delta: torch.Tensor | None) -> to
 # the compiler from contracting a multiply and an add into an FMA, which eager PyTorch never does.
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, sx, res_ptr, sr, delta_ptr, sd, w_ptr, out_ptr, h_ptr, hidden, hidden_f, eps,
-                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DELTA: tl.constexpr):
+def _rms_norm_kernel(x_ptr, sx, res_ptr, sr, w_ptr, out_ptr, h_ptr, hidden, hidden_f, eps,
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     dtype = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DELTA:
-        d = tl.load(delta_ptr + row * sd + cols, mask=mask, other=0.0).to(tl.float32)
-        x = (x + d).to(dtype).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * sr + cols, mask=mask, other=0.0).to(tl.float32)
-        x = (x + r).to(dtype).to(tl.float32)
-    if HAS_DELTA or HAS_RESIDUAL:
-        tl.store(h_ptr + row * hidden + cols, x.to(dtype), mask=mask)
+        h = (x + r).to(dtype)
+        tl.store(h_ptr + row * hidden + cols, h, mask=mask)
+        x = h.to(tl.float32)
     mean_sq = tl.div_rn(tl.sum(x * x, axis=0), hidden_f)  # torch's CPU mean: sum / H
     normed = (x * tl.rsqrt(mean_sq + eps)).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + cols, (w * normed).to(dtype), mask=mask)
 
 
-def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                     delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     rows, hidden = x.shape
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    h = x if residual is None and delta is None else torch.empty_like(out)
+    h = x if residual is None else torch.empty_like(out)
     if rows:
         block = triton.next_power_of_2(hidden)
         res = x if residual is None else residual  # unused without a residual
-        dlt = x if delta is None else delta  # unused without a delta
-        _rms_norm_kernel[(rows,)](x, x.stride(0), res, res.stride(0), dlt, dlt.stride(0), weight, out, h, hidden,
-                                  float(hidden), eps, BLOCK=block, HAS_RESIDUAL=residual is not None,
-                                  HAS_DELTA=delta is not None, num_warps=min(16, max(1, block // 512)),
-                                  enable_fp_fusion=False)
+        _rms_norm_kernel[(rows,)](x, x.stride(0), res, res.stride(0), weight, out, h, hidden, float(hidden),
+                                  eps, BLOCK=block, HAS_RESIDUAL=residual is not None,
+                                  num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
     return out, h
 
 
@@ -165,18 +156,13 @@ def _rotary_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: tor
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, sx, delta_ptr, sd, out_ptr, inter, BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr,
-                         LIBDEVICE_EXP: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, sx, out_ptr, inter, BLOCK: tl.constexpr, LIBDEVICE_EXP: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     dtype = x_ptr.dtype.element_ty
     gate = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * sx + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DELTA:
-        d_gate = tl.load(delta_ptr + row * sd + cols, mask=mask, other=0.0).to(tl.float32)
-        d_up = tl.load(delta_ptr + row * sd + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        gate, up = (gate + d_gate).to(dtype).to(tl.float32), (up + d_up).to(dtype).to(tl.float32)
     # eager silu is x / (1 + exp(-x)) with an IEEE division and, on CUDA, libdevice's expf (the
     # interpreter has no libdevice: numpy's exp); silu(gate) is rounded before the multiply
     e = libdevice.exp(-gate) if LIBDEVICE_EXP else tl.exp(-gate)
@@ -187,15 +173,14 @@ def _silu_and_mul_kernel(x_ptr, sx, delta_ptr, sd, out_ptr, inter, BLOCK: tl.con
 _SILU_BLOCK = 1024
 
 
-def _silu_and_mul_triton(gate_up: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+def _silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty((rows, inter), dtype=gate_up.dtype, device=gate_up.device)
     if rows and inter:
         block = min(_SILU_BLOCK, triton.next_power_of_2(inter))
-        dlt = gate_up if delta is None else delta  # unused without a delta
         _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-            gate_up, gate_up.stride(0), dlt, dlt.stride(0), out, inter, BLOCK=block, HAS_DELTA=delta is not None,
-            LIBDEVICE_EXP=gate_up.is_cuda, num_warps=4, enable_fp_fusion=False)
+            gate_up, gate_up.stride(0), out, inter, BLOCK=block, LIBDEVICE_EXP=gate_up.is_cuda,
+            num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -207,7 +192,7 @@ def _is_rows(t: object, ndim: int) -> bool:
             and (t.shape[-1] <= 1 or t.stride(-1) == 1))
 
 
-def _check_rms_norm(x, weight, eps, residual, delta, backend) -> None:
+def _check_rms_norm(x, weight, eps, residual, backend) -> None:
     check_op_backend(backend)
     if not _is_rows(x, 2):
         raise ValueError("x: expected a [T, H] float16/bfloat16/float32 tensor with a contiguous last dim, "
@@ -221,8 +206,10 @@ def _check_rms_norm(x, weight, eps, residual, delta, backend) -> None:
                          f"got {describe(weight)}")
     if not isinstance(eps, int | float) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps: expected a finite float >= 0, got {eps!r}")
-    _check_like("residual", residual, x)
-    _check_like("delta", delta, x)
+    if residual is not None and (not _is_rows(residual, 2) or residual.shape != x.shape
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual: expected a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device} with a "
+                         f"contiguous last dim, got {describe(residual)}{_strides(residual)}")
 
 
 def _check_rotary(q, k, cos, sin, backend) -> None:
@@ -243,20 +230,11 @@ def _check_rotary(q, k, cos, sin, backend) -> None:
                              f"contiguous last dim, got {describe(t)}{_strides(t)}")
 
 
-def _check_silu_and_mul(gate_up, delta, backend) -> None:
+def _check_silu_and_mul(gate_up, backend) -> None:
     check_op_backend(backend)
     if not _is_rows(gate_up, 2) or gate_up.shape[1] % 2:
         raise ValueError("gate_up: expected a [T, 2I] float16/bfloat16/float32 tensor (even last dim, "
                          f"contiguous) got {describe(gate_up)}{_strides(gate_up)}")
-    _check_like("delta", delta, gate_up)
-
-
-def _check_like(name: str, t: object, like: torch.Tensor) -> None:
-    """An optional [T, N] operand added elementwise to `like`."""
-    if t is not None and (not _is_rows(t, 2) or t.shape != like.shape or t.dtype != like.dtype
-                          or t.device != like.device):
-        raise ValueError(f"{name}: expected a {like.dtype} tensor of shape {tuple(like.shape)} on {like.device} "
-                         f"with a contiguous last dim, got {describe(t)}{_strides(t)}")
 
 
 def _strides(t: object) -> str:

@@ -50,8 +50,18 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     so on a GPU it runs on a side stream while the base GEMM runs and the expand waits for both: inside a
     decode CUDA graph that takes the shrink off the step's critical path.
     """
+    _check_matrix("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
+            or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight: expected a 2-D {x.dtype} tensor [out, {x.shape[1]}] on {x.device}, "
+                         f"got {describe(weight)}")
     lora_a, lora_b = tuple(lora_a), tuple(lora_b)
-    y, offsets, meta = _prepare_linear(x, weight, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
+    if all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in lora_b) \
+            and weight.shape[0] != (out := sum(b.shape[1] for b in lora_b)):
+        raise ValueError(f"weight: expected {out} rows (the sum of lora_b's out sizes), got {weight.shape[0]}")
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
+    meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
     if y.shape[0] == 0 or meta.num_slots == 0:
         return torch.mm(x, weight.t(), out=y)
     name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
@@ -70,48 +80,6 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     fork.join(buf)
     expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
     return y
-
-
-def linear_lora_delta(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Tensor],
-                      lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor, *,
-                      ranks: torch.Tensor | None = None, meta: LoRAMeta | None = None,
-                      backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x @ weight.T, the delta add_lora_slices adds to it, in x's dtype; rows without adapter 0), kept
-    apart for a caller whose next kernel adds the delta itself (rms_norm's and silu_and_mul's `delta`).
-    The delta is None where the batch has no LoRA work.
-
-    On a GPU the whole delta (zeroing, shrink, expand) runs on a side stream beside the base GEMM, so no
-    LoRA launch sits on the step's critical path, only the delta's bytes in the next kernel.
-    """
-    lora_a, lora_b = tuple(lora_a), tuple(lora_b)
-    y, offsets, meta = _prepare_linear(x, weight, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
-    if y.shape[0] == 0 or meta.num_slots == 0:
-        return torch.mm(x, weight.t(), out=y), None
-    add = _backend_fn(_backend_name(backend, x, lora_a, lora_b, meta.max_adapters))
-    fork = _Fork(x.device)
-    torch.mm(x, weight.t(), out=y)
-    with fork.side():
-        delta = torch.zeros_like(y)
-        add(delta, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
-    fork.join(delta)
-    return y, delta
-
-
-def _prepare_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: tuple, lora_b: tuple, slot_ids: torch.Tensor,
-                    scalings: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta | None,
-                    backend: str) -> tuple[torch.Tensor, list[int], LoRAMeta]:
-    """The checks of linear_lora(_delta); returns the output (uninitialised), the slices' offsets and meta."""
-    _check_matrix("x", x)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
-            or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"weight: expected a 2-D {x.dtype} tensor [out, {x.shape[1]}] on {x.device}, "
-                         f"got {describe(weight)}")
-    if all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in lora_b) \
-            and weight.shape[0] != (out := sum(b.shape[1] for b in lora_b)):
-        raise ValueError(f"weight: expected {out} rows (the sum of lora_b's out sizes), got {weight.shape[0]}")
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
-    return y, offsets, meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
 
 
 def _backend_name(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> str:

@@ -81,17 +81,9 @@ class LoRABatch:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, layer: int, modules: tuple[str, ...]) -> torch.Tensor:
         """x @ weight.T plus each row's adapter delta of these (merged) modules."""
-        return kernels.linear_lora(x, weight, *self._stacks(layer, modules), self.slot_ids, self.scalings,
+        return kernels.linear_lora(x, weight, [self.lora_a[m][layer] for m in modules],
+                                   [self.lora_b[m][layer] for m in modules], self.slot_ids, self.scalings,
                                    ranks=self.ranks, meta=self.meta, backend=self.backend)
-
-    def linear_delta(self, x: torch.Tensor, weight: torch.Tensor, layer: int,
-                     modules: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(x @ weight.T, each row's adapter delta) apart, for the next kernel to add."""
-        return kernels.linear_lora_delta(x, weight, *self._stacks(layer, modules), self.slot_ids, self.scalings,
-                                         ranks=self.ranks, meta=self.meta, backend=self.backend)
-
-    def _stacks(self, layer: int, modules: tuple[str, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return [self.lora_a[m][layer] for m in modules], [self.lora_b[m][layer] for m in modules]
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -123,11 +115,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, delta: torch.Tensor | None, residual: torch.Tensor | None, backend: str
+        self, x: torch.Tensor, residual: torch.Tensor | None, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + delta + residual), x + delta + residual); the sum is the next layer's residual, delta
-        the LoRA delta of the projection that gave x."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual, delta=delta, backend=backend)
+        """(norm(x + residual), x + residual); the sum is the next layer's residual."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual, backend=backend)
 
 
 def _weight(out_features: int, in_features: int) -> nn.Parameter:
@@ -153,15 +144,9 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         return F.linear(x, weight) if lora is None else lora.linear(x, weight, self.index, modules)
 
-    def _linear_delta(
-        self, x: torch.Tensor, weight: torch.Tensor, lora: LoRABatch | None, modules: tuple[str, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return (F.linear(x, weight), None) if lora is None else lora.linear_delta(x, weight, self.index, modules)
-
     def forward(
         self,
         h: torch.Tensor,
-        delta: torch.Tensor | None,
         residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
@@ -170,13 +155,11 @@ class DecoderLayer(nn.Module):
         attn: AttentionMetadata,
         lora: LoRABatch | None,
         backend: str,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Returns the MLP's output, its LoRA delta and the residual stream, all still to be added up (the
-        next norm does it, fused). The projections whose next kernel is a norm or silu_and_mul leave their
-        LoRA delta to it: its launches then run beside the base GEMM, off the critical path (q/k/v's next
-        kernels are rotary and attention, so it adds its own)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP's output and the residual stream it is still to be added to (the
+        next norm adds it, fused)."""
         args, d = self.args, self.args.head_dim
-        x, residual = self.input_layernorm(h, delta, residual, backend)
+        x, residual = self.input_layernorm(h, residual, backend)
         qkv = self._linear(x, self.qkv_proj, lora, QKV)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, args.num_heads, d)
@@ -184,11 +167,10 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, args.num_kv_heads, d)
         kernels.rotary_(q, k, cos, sin, backend=backend)
         o = paged_attention(q, k, v, k_cache, v_cache, attn, scale=d**-0.5)
-        o, delta = self._linear_delta(o.flatten(1), self.o_proj, lora, ("o_proj",))
-        x, residual = self.post_attention_layernorm(o, delta, residual, backend)
-        gate_up, delta = self._linear_delta(x, self.gate_up_proj, lora, GATE_UP)
-        x = kernels.silu_and_mul(gate_up, delta=delta, backend=backend)
-        return *self._linear_delta(x, self.down_proj, lora, ("down_proj",)), residual
+        o = self._linear(o.flatten(1), self.o_proj, lora, ("o_proj",))
+        x, residual = self.post_attention_layernorm(o, residual, backend)
+        gate_up = self._linear(x, self.gate_up_proj, lora, GATE_UP)
+        return self._linear(kernels.silu_and_mul(gate_up, backend=backend), self.down_proj, lora, ("down_proj",)), residual
 
 
 class LlamaModel(nn.Module):
@@ -220,10 +202,10 @@ class LlamaModel(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        delta, residual = None, None
+        residual = None
         for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v, strict=True):
-            h, delta, residual = layer(h, delta, residual, cos, sin, k_cache, v_cache, attn, lora, self.ops_backend)
-        return self.norm(h, delta, residual, self.ops_backend)[0]
+            h, residual = layer(h, residual, cos, sin, k_cache, v_cache, attn, lora, self.ops_backend)
+        return self.norm(h, residual, self.ops_backend)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()
