@@ -61,9 +61,10 @@ MIXED = [
 ]
 
 
-def test_mixed_batch_matches_peft_logits_and_greedy_tokens(tiny, tmp_path):
+@pytest.mark.parametrize("kernel_backend", ["auto", "triton_sgmv"])  # triton_sgmv: o/down's expand in the norm
+def test_mixed_batch_matches_peft_logits_and_greedy_tokens(tiny, tmp_path, kernel_backend):
     model_dir, adapter_dirs = tiny
-    core = make_core(model_dir, tmp_path)
+    core = make_core(model_dir, tmp_path, kernel_backend=kernel_backend)
     loras = {n: LoRARequest(n, str(p)) for n, p in adapter_dirs.items()}
     preload(core, list(loras.values()))
     seqs = [core.make_sequence(p, GREEDY_32, loras.get(a) if a else None) for p, a in MIXED]
