@@ -7,10 +7,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.layers import PendingExpand, rms_norm, rotary_, silu_and_mul
+from kernels.layers import rms_norm, rotary_, silu_and_mul
 from kernels.meta import LoRAMeta
-from kernels.ops import BACKENDS, add_lora, add_lora_slices, linear_lora, linear_lora_pending
+from kernels.ops import BACKENDS, add_lora, add_lora_slices, linear_lora
 from kernels.paged_attention import paged_decode_attention
 
-__all__ = ["BACKENDS", "LoRAMeta", "PendingExpand", "add_lora", "add_lora_slices", "linear_lora",
-           "linear_lora_pending", "paged_decode_attention", "rms_norm", "rotary_", "silu_and_mul"]
+__all__ = ["BACKENDS", "LoRAMeta", "add_lora", "add_lora_slices", "linear_lora", "paged_decode_attention", "rms_norm",
+           "rotary_", "silu_and_mul"]

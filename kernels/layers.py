@@ -6,8 +6,6 @@ Checks are host-only and grids come from shapes, so every call can be captured i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -19,34 +17,14 @@ MAX_HIDDEN = 32768  # one row of RMSNorm is one block in registers
 MAX_HEAD_DIM = 512
 
 
-@dataclass(frozen=True)
-class PendingExpand:
-    """A projection's LoRA delta with the expand still to do: the shrink's fp32 partial sums
-    [splits, 1, T, R] (summed, they are x @ A[slot].T per row), the slots' B stack [slots, H, R] (zero past
-    each adapter's rank), each row's slot (-1: none) and the slots' scalings. rms_norm does the expand
-    itself, adding scalings[s] * (t @ B[s].T) to x with t rounded to x's dtype as add_lora's expand does:
-    one launch fewer on the step's critical path (linear_lora_pending makes these)."""
-
-    partials: torch.Tensor
-    lora_b: torch.Tensor
-    slot_ids: torch.Tensor
-    scalings: torch.Tensor
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
-             pending: PendingExpand | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """h = x if residual is None else (x + residual) rounded to x.dtype; returns (RMSNorm(h) * weight, h).
     x, residual [T, H] (row stride arbitrary, last dim contiguous); weight [H] in x's dtype. Both outputs
-    are fresh contiguous tensors, but h is x itself when there is no residual. With pending, x is first
-    x + its LoRA delta, rounded (what add_lora would have left in x)."""
+    are fresh contiguous tensors, but h is x itself when there is no residual."""
     _check_rms_norm(x, weight, eps, residual, backend)
-    _check_pending(pending, x)
     if use_triton(backend, x):
-        if pending is not None:
-            return _lora_rms_norm_triton(x, weight, float(eps), residual, pending)
         return _rms_norm_triton(x, weight, float(eps), residual)
-    if pending is not None:
-        x = (x.float() + _pending_delta_torch(pending, x.dtype)).to(x.dtype)
     return _rms_norm_torch(x, weight, float(eps), residual)
 
 
@@ -85,18 +63,6 @@ def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return weight * normed.to(h.dtype), h
 
 
-def _pending_delta_torch(p: PendingExpand, dtype: torch.dtype) -> torch.Tensor:
-    """The delta add_lora's expand adds, fp32 (rows without adapter 0): per slot, t rounded to dtype @ B.T."""
-    t = p.partials.sum(0)[0]
-    delta = torch.zeros(t.shape[0], p.lora_b.shape[1], dtype=torch.float32, device=t.device)
-    for slot in p.slot_ids.unique().tolist():
-        if slot >= 0:
-            rows = p.slot_ids == slot
-            ts = (t[rows] * p.scalings[slot]).to(dtype).float()
-            delta[rows] = ts @ p.lora_b[slot].float().T
-    return delta
-
-
 def _rotary_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     cos, sin = cos[:, None, :], sin[:, None, :]
     for t in (q, k):
@@ -126,17 +92,10 @@ def _rms_norm_kernel(x_ptr, sx, res_ptr, sr, w_ptr, out_ptr, h_ptr, hidden, hidd
         h = (x + r).to(dtype)
         tl.store(h_ptr + row * hidden + cols, h, mask=mask)
         x = h.to(tl.float32)
-    _normalize_row(x, w_ptr, out_ptr + row * hidden, cols, mask, hidden_f, eps, dtype)
-
-
-@triton.jit
-def _normalize_row(x, w_ptr, out_row, cols, mask, hidden_f, eps, dtype):
-    """One whole row (fp32) normalized, times the weight, stored: shared by both norm kernels, so that with
-    the same block and warps they reduce in the same order (a row without adapter gives the same bits)."""
     mean_sq = tl.div_rn(tl.sum(x * x, axis=0), hidden_f)  # torch's CPU mean: sum / H
     normed = (x * tl.rsqrt(mean_sq + eps)).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_row + cols, (w * normed).to(dtype), mask=mask)
+    tl.store(out_ptr + row * hidden + cols, (w * normed).to(dtype), mask=mask)
 
 
 def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -148,64 +107,8 @@ def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
         block = triton.next_power_of_2(hidden)
         res = x if residual is None else residual  # unused without a residual
         _rms_norm_kernel[(rows,)](x, x.stride(0), res, res.stride(0), weight, out, h, hidden, float(hidden),
-                                  eps, BLOCK=block, HAS_RESIDUAL=residual is not None, num_warps=_norm_warps(block),
-                                  enable_fp_fusion=False)
-    return out, h
-
-
-def _norm_warps(block: int) -> int:
-    return min(16, max(1, block // 512))
-
-
-@triton.jit
-def _lora_rms_norm_kernel(x_ptr, sx, res_ptr, sr, w_ptr, out_ptr, h_ptr, hidden, hidden_f, eps, part_ptr, T, R,
-                          b_ptr, sb0, sb1, slot_ptr, scal_ptr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-                          BLOCK_R: tl.constexpr, CHUNK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """rms_norm with add_lora's expand first. A row of B does not fit in registers, so h = x + delta
-    (+ residual) is made and stored in column chunks, then read back whole and normalized as rms_norm does."""
-    row = tl.program_id(0).to(tl.int64)
-    dtype = x_ptr.dtype.element_ty
-    slot = tl.load(slot_ptr + row)
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < tl.where(slot >= 0, R, 0)  # a row without adapter loads nothing and adds 0
-    slot = tl.maximum(slot, 0).to(tl.int64)
-    t = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        t += tl.load(part_ptr + (s * T + row) * R + offs_r, mask=r_mask, other=0.0)
-    t = (t * tl.load(scal_ptr + slot)).to(dtype).to(tl.float32)
-    h_row = h_ptr + row * hidden
-    for start in range(0, hidden, CHUNK):
-        cols = start + tl.arange(0, CHUNK)
-        mask = cols < hidden
-        b = tl.load(b_ptr + slot * sb0 + cols[:, None] * sb1 + offs_r[None, :],
-                    mask=mask[:, None] & r_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
-        h = (x + tl.sum(b.to(tl.float32) * t[None, :], axis=1)).to(dtype)
-        if HAS_RESIDUAL:
-            r = tl.load(res_ptr + row * sr + cols, mask=mask, other=0.0).to(tl.float32)
-            h = (h.to(tl.float32) + r).to(dtype)
-        tl.store(h_row + cols, h, mask=mask)
-    tl.debug_barrier()  # h is read back by other threads of this program than those that stored it
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    h = tl.load(h_row + cols, mask=mask, other=0.0).to(tl.float32)
-    _normalize_row(h, w_ptr, out_ptr + row * hidden, cols, mask, hidden_f, eps, dtype)
-
-
-def _lora_rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                          p: PendingExpand) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, hidden = x.shape
-    out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    h = torch.empty_like(out)
-    if rows:
-        splits, _, tokens, rank = p.partials.shape
-        block, block_r = triton.next_power_of_2(hidden), triton.next_power_of_2(rank)
-        res = x if residual is None else residual  # unused without a residual
-        _lora_rms_norm_kernel[(rows,)](
-            x, x.stride(0), res, res.stride(0), weight, out, h, hidden, float(hidden), eps, p.partials, tokens,
-            rank, p.lora_b, p.lora_b.stride(0), p.lora_b.stride(1), p.slot_ids, p.scalings, SPLITS=splits,
-            BLOCK=block, BLOCK_R=block_r, CHUNK=min(block, max(64, 8192 // block_r)),
-            HAS_RESIDUAL=residual is not None, num_warps=_norm_warps(block), enable_fp_fusion=False)
+                                  eps, BLOCK=block, HAS_RESIDUAL=residual is not None,
+                                  num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
     return out, h
 
 
@@ -307,19 +210,6 @@ def _check_rms_norm(x, weight, eps, residual, backend) -> None:
                                  or residual.dtype != x.dtype or residual.device != x.device):
         raise ValueError(f"residual: expected a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device} with a "
                          f"contiguous last dim, got {describe(residual)}{_strides(residual)}")
-
-
-def _check_pending(p: object, x: torch.Tensor) -> None:
-    if p is None:
-        return
-    ok = isinstance(p, PendingExpand) and p.partials.dim() == 4 and p.partials.shape[1:3] == (1, x.shape[0]) \
-        and p.partials.dtype == torch.float32 and p.lora_b.dim() == 3 and p.lora_b.shape[1] == x.shape[1] \
-        and p.lora_b.shape[2] == p.partials.shape[3] and p.lora_b.dtype == x.dtype and p.lora_b.stride(2) == 1 \
-        and p.slot_ids.shape == (x.shape[0],) and p.scalings.shape == (p.lora_b.shape[0],) \
-        and all(t.device == x.device and t.is_contiguous() for t in (p.partials, p.slot_ids, p.scalings))
-    if not ok:
-        raise ValueError(f"pending: expected a PendingExpand for {x.shape[0]} rows of {x.shape[1]} columns of "
-                         f"{x.dtype} on {x.device}, got {p!r}")
 
 
 def _check_rotary(q, k, cos, sin, backend) -> None:

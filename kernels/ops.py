@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from kernels.checks import FLOAT_DTYPES, describe
-from kernels.layers import PendingExpand
 from kernels.meta import LoRAMeta
 from kernels.reference import add_lora_gather_bmm, add_lora_loop, add_lora_torch
 
@@ -51,8 +50,18 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     so on a GPU it runs on a side stream while the base GEMM runs and the expand waits for both: inside a
     decode CUDA graph that takes the shrink off the step's critical path.
     """
+    _check_matrix("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
+            or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight: expected a 2-D {x.dtype} tensor [out, {x.shape[1]}] on {x.device}, "
+                         f"got {describe(weight)}")
     lora_a, lora_b = tuple(lora_a), tuple(lora_b)
-    y, offsets, meta = _prepare_linear(x, weight, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
+    if all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in lora_b) \
+            and weight.shape[0] != (out := sum(b.shape[1] for b in lora_b)):
+        raise ValueError(f"weight: expected {out} rows (the sum of lora_b's out sizes), got {weight.shape[0]}")
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
+    meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
     if y.shape[0] == 0 or meta.num_slots == 0:
         return torch.mm(x, weight.t(), out=y)
     name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
@@ -74,47 +83,6 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     fork.join(buf)
     expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
     return y
-
-
-def linear_lora_pending(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                        slot_ids: torch.Tensor, scalings: torch.Tensor, *, ranks: torch.Tensor | None = None,
-                        meta: LoRAMeta | None = None,
-                        backend: str = "auto") -> tuple[torch.Tensor, PendingExpand | None]:
-    """linear_lora of one slice whose output goes into rms_norm next (o_proj, down_proj): with an SGMV
-    backend the expand is left to rms_norm (returned as its `pending`), which saves a launch on the step's
-    critical path; with other backends, or no LoRA work, (linear_lora(...), None)."""
-    name = None if meta is None or x.shape[0] == 0 else _backend_name(backend, x, (lora_a,), (lora_b,),
-                                                                       meta.max_adapters)
-    if name not in ("triton_sgmv", "triton_sgmv_pdl"):
-        return linear_lora(x, weight, (lora_a,), (lora_b,), slot_ids, scalings, ranks=ranks, meta=meta,
-                           backend=backend), None
-    from kernels import triton_sgmv
-
-    y, offsets, meta = _prepare_linear(x, weight, (lora_a,), (lora_b,), slot_ids, scalings, ranks, meta, backend)
-    plan = triton_sgmv.Plan(x, (lora_a,), (lora_b,), meta, offsets, beside_gemm=True)
-    fork = _Fork(x.device)
-    with fork.side():
-        buf = triton_sgmv.shrink(x, (lora_a,), (lora_b,), slot_ids, ranks, meta, offsets, plan)
-    torch.mm(x, weight.t(), out=y)
-    fork.join(buf)
-    return y, PendingExpand(buf, lora_b, slot_ids, scalings)
-
-
-def _prepare_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: tuple, lora_b: tuple, slot_ids: torch.Tensor,
-                    scalings: torch.Tensor, ranks: torch.Tensor | None, meta: LoRAMeta | None,
-                    backend: str) -> tuple[torch.Tensor, list[int], LoRAMeta]:
-    """linear_lora's checks; returns its output (not yet written), the slices' column offsets and meta."""
-    _check_matrix("x", x)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
-            or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"weight: expected a 2-D {x.dtype} tensor [out, {x.shape[1]}] on {x.device}, "
-                         f"got {describe(weight)}")
-    if all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in lora_b) \
-            and weight.shape[0] != (out := sum(b.shape[1] for b in lora_b)):
-        raise ValueError(f"weight: expected {out} rows (the sum of lora_b's out sizes), got {weight.shape[0]}")
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
-    return y, offsets, meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
 
 
 def _backend_name(backend: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, adapters: int) -> str:

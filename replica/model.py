@@ -85,14 +85,6 @@ class LoRABatch:
                                    [self.lora_b[m][layer] for m in modules], self.slot_ids, self.scalings,
                                    ranks=self.ranks, meta=self.meta, backend=self.backend)
 
-    def linear_pending(
-        self, x: torch.Tensor, weight: torch.Tensor, layer: int, module: str
-    ) -> tuple[torch.Tensor, kernels.PendingExpand | None]:
-        """The same for one module whose output goes into an RMSNorm, which may do the expand."""
-        return kernels.linear_lora_pending(x, weight, self.lora_a[module][layer], self.lora_b[module][layer],
-                                           self.slot_ids, self.scalings, ranks=self.ranks, meta=self.meta,
-                                           backend=self.backend)  # fmt: skip
-
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     dim = args.head_dim
@@ -123,11 +115,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, pending: kernels.PendingExpand | None, residual: torch.Tensor | None, backend: str
+        self, x: torch.Tensor, residual: torch.Tensor | None, backend: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual); the sum is the next layer's residual. pending: x's LoRA
-        expand, done here."""
-        return kernels.rms_norm(x, self.weight, self.eps, residual, pending=pending, backend=backend)
+        """(norm(x + residual), x + residual); the sum is the next layer's residual."""
+        return kernels.rms_norm(x, self.weight, self.eps, residual, backend=backend)
 
 
 def _weight(out_features: int, in_features: int) -> nn.Parameter:
@@ -153,15 +144,9 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         return F.linear(x, weight) if lora is None else lora.linear(x, weight, self.index, modules)
 
-    def _linear_pending(
-        self, x: torch.Tensor, weight: torch.Tensor, lora: LoRABatch | None, module: str
-    ) -> tuple[torch.Tensor, kernels.PendingExpand | None]:
-        return (F.linear(x, weight), None) if lora is None else lora.linear_pending(x, weight, self.index, module)
-
     def forward(
         self,
         h: torch.Tensor,
-        pending: kernels.PendingExpand | None,
         residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
@@ -170,12 +155,11 @@ class DecoderLayer(nn.Module):
         attn: AttentionMetadata,
         lora: LoRABatch | None,
         backend: str,
-    ) -> tuple[torch.Tensor, kernels.PendingExpand | None, torch.Tensor]:
-        """Returns the MLP's output, its LoRA expand if still to do, and the residual stream it is still to
-        be added to (the next norm does both, fused). o_proj and down_proj leave their expand to the norm
-        after them: one launch fewer on the critical path of a decode step."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the MLP's output and the residual stream it is still to be added to (the
+        next norm adds it, fused)."""
         args, d = self.args, self.args.head_dim
-        x, residual = self.input_layernorm(h, pending, residual, backend)
+        x, residual = self.input_layernorm(h, residual, backend)
         qkv = self._linear(x, self.qkv_proj, lora, QKV)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, args.num_heads, d)
@@ -183,11 +167,10 @@ class DecoderLayer(nn.Module):
         v = v.view(-1, args.num_kv_heads, d)
         kernels.rotary_(q, k, cos, sin, backend=backend)
         o = paged_attention(q, k, v, k_cache, v_cache, attn, scale=d**-0.5)
-        o, pending = self._linear_pending(o.flatten(1), self.o_proj, lora, "o_proj")
-        x, residual = self.post_attention_layernorm(o, pending, residual, backend)
+        o = self._linear(o.flatten(1), self.o_proj, lora, ("o_proj",))
+        x, residual = self.post_attention_layernorm(o, residual, backend)
         gate_up = self._linear(x, self.gate_up_proj, lora, GATE_UP)
-        x = kernels.silu_and_mul(gate_up, backend=backend)
-        return *self._linear_pending(x, self.down_proj, lora, "down_proj"), residual
+        return self._linear(kernels.silu_and_mul(gate_up, backend=backend), self.down_proj, lora, ("down_proj",)), residual
 
 
 class LlamaModel(nn.Module):
@@ -219,11 +202,10 @@ class LlamaModel(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
-        pending, residual = None, None
+        residual = None
         for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v, strict=True):
-            h, pending, residual = layer(h, pending, residual, cos, sin, k_cache, v_cache, attn, lora,
-                                         self.ops_backend)  # fmt: skip
-        return self.norm(h, pending, residual, self.ops_backend)[0]
+            h, residual = layer(h, residual, cos, sin, k_cache, v_cache, attn, lora, self.ops_backend)
+        return self.norm(h, residual, self.ops_backend)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

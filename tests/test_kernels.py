@@ -233,26 +233,6 @@ def test_linear_lora_is_the_base_projection_plus_the_delta(backend: str, case: s
     torch.testing.assert_close(got, run(c, "torch"), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ("triton_sgmv", "triton_sgmv_pdl", "triton_bgmv", "torch"))
-def test_linear_lora_pending_leaves_the_expand_to_rms_norm(backend: str) -> None:
-    """o_proj / down_proj's path: the projection then the norm give what linear_lora then the norm give;
-    the SGMV backends hand the expand over (PendingExpand), the others apply it themselves."""
-    t, d_in, outs, slots, rank, slot_ids, ranks = CASES["unsorted_with_no_adapter_rows"]
-    c = make_case(t, d_in, outs, slots, rank, torch.float32, slot_ids, ranks, seed=3, device=DEVICE)
-    weight = torch.randn(outs[0], d_in, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    norm_w, residual = torch.rand(outs[0]).to(DEVICE) + 0.5, torch.randn(t, outs[0]).to(DEVICE)
-    meta = kernels.LoRAMeta.build(c["slot_ids"], slots)
-    args = (c["slot_ids"], c["scalings"])
-    y, pending = kernels.linear_lora_pending(c["x"], weight, c["lora_a"][0], c["lora_b"][0], *args, meta=meta,
-                                             backend=backend)
-    assert (pending is not None) == backend.startswith("triton_sgmv")
-    got = kernels.rms_norm(y, norm_w, 1e-5, residual, pending=pending)
-    want = kernels.rms_norm(kernels.linear_lora(c["x"], weight, c["lora_a"], c["lora_b"], *args, meta=meta,
-                                                backend=backend), norm_w, 1e-5, residual)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
-
-
 def test_linear_lora_checks_the_weight_and_handles_empty_batches() -> None:
     c = make_case(5, 16, (8, 4), num_slots=2, max_rank=4, dtype=torch.float32)
     args = (c["lora_a"], c["lora_b"], c["slot_ids"], c["scalings"])

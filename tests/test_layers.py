@@ -12,7 +12,7 @@ from transformers.activations import ACT2FN
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from kernels import PendingExpand, rms_norm, rotary_, silu_and_mul
+from kernels import rms_norm, rotary_, silu_and_mul
 
 DEVICE = os.environ.get("KERNELS_TEST_DEVICE", "cpu")
 ON_GPU = DEVICE != "cpu"
@@ -165,38 +165,6 @@ def test_rotary_triton_head_stride(dtype: torch.dtype) -> None:
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
 
 
-def make_pending(tokens: int, hidden: int, rank: int, g: torch.Generator, dtype: torch.dtype) -> PendingExpand:
-    """A LoRA expand left to the norm: partial sums of 3 splits, 4 slots of B zero past rank 5 for slot 1,
-    rows of every slot and rows without adapter."""
-    lora_b = randn(4, hidden, rank, g=g, dtype=dtype, scale=rank**-0.5)
-    lora_b[1, :, 5:] = 0
-    slot_ids = torch.tensor([(i % 5) - 1 for i in range(tokens)], dtype=torch.int32, device=DEVICE)
-    return PendingExpand(randn(3, 1, tokens, rank, g=g, dtype=torch.float32), lora_b, slot_ids,
-                         torch.tensor([0.5, 2.0, 1.0, 0.25], device=DEVICE))
-
-
-@dtype_ids
-@pytest.mark.parametrize("tokens", [1, 7])
-@pytest.mark.parametrize(("hidden", "rank"), [(250, 16), (1536, 64)])  # one chunk; several chunks
-def test_rms_norm_with_a_pending_expand_triton(tokens: int, hidden: int, rank: int, dtype: torch.dtype) -> None:
-    """The fused expand + norm against the reference. The delta's sum over the rank runs in fp32 in another
-    order, so results agree within the dtype's rounding (not in ulps: x + delta can cancel to near 0);
-    rows without adapter are bit-equal to the plain norm's."""
-    g = torch.Generator().manual_seed(tokens * hidden + rank)
-    x, residual = rows_of_wider(tokens, hidden, g, dtype, scale=3), rows_of_wider(tokens, hidden, g, dtype)
-    weight = randn(hidden, g=g, dtype=dtype)
-    pending = make_pending(tokens, hidden, rank, g, dtype)
-    for res in (residual, None):
-        out, h = rms_norm(x, weight, 1e-5, res, pending=pending, backend="triton")
-        want_out, want_h = rms_norm(x, weight, 1e-5, res, pending=pending, backend="torch")
-        tol = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5)  # an ulp or so where the fp32 sums round apart
-        torch.testing.assert_close(h, want_h, **tol)
-        torch.testing.assert_close(out, want_out, **tol)
-        no_adapter = pending.slot_ids < 0
-        base_out, base_h = rms_norm(x, weight, 1e-5, res, backend="triton")
-        assert torch.equal(h[no_adapter], base_h[no_adapter]) and torch.equal(out[no_adapter], base_out[no_adapter])
-
-
 @dtype_ids
 @pytest.mark.parametrize("tokens", [1, 6])
 @pytest.mark.parametrize("inter", [300, 2048 + 77])  # the second spans several column blocks
@@ -242,8 +210,6 @@ def _bad_calls() -> list[tuple[str, object]]:
         ("eps", lambda: rms_norm(x, w, float("nan"))),
         ("residual", lambda: rms_norm(x, w, 1e-5, x[:2])),
         ("residual", lambda: rms_norm(x, w, 1e-5, x.half())),
-        ("pending", lambda: rms_norm(x, w, 1e-5, pending=PendingExpand(x, x, x, x))),
-        ("pending", lambda: rms_norm(x, w, 1e-5, pending=make_pending(4, 32, 8, torch.Generator(), torch.float32))),
         ("backend", lambda: rotary_(q, k, cs, cs, backend="loop")),
         ("q", lambda: rotary_(q[:, :, :15], k[:, :, :15], cs[:, :15], cs[:, :15])),  # odd head dim
         ("q", lambda: rotary_(q[0], k, cs, cs)),

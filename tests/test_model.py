@@ -61,10 +61,9 @@ MIXED = [
 ]
 
 
-@pytest.mark.parametrize("kernel_backend", ["auto", "triton_sgmv"])  # triton_sgmv: o/down's expand in the norm
-def test_mixed_batch_matches_peft_logits_and_greedy_tokens(tiny, tmp_path, kernel_backend):
+def test_mixed_batch_matches_peft_logits_and_greedy_tokens(tiny, tmp_path):
     model_dir, adapter_dirs = tiny
-    core = make_core(model_dir, tmp_path, kernel_backend=kernel_backend)
+    core = make_core(model_dir, tmp_path)
     loras = {n: LoRARequest(n, str(p)) for n, p in adapter_dirs.items()}
     preload(core, list(loras.values()))
     seqs = [core.make_sequence(p, GREEDY_32, loras.get(a) if a else None) for p, a in MIXED]
