@@ -181,7 +181,7 @@ def decode_graph_ms(core: EngineCore, batch: int, num_adapters: int) -> float | 
     """GPU time of one decode step alone (None without CUDA graphs): the step's captured graph replayed on
     the last step's inputs, still in its static buffer (the sequences have finished, so the replays only
     rewrite K/V nobody reads). decode_step_ms adds the host's share of a step (scheduling, sampling,
-    detokenizing), which every workload pays alike and which therefore raises the ratios between them."""
+    detokenizing), which every workload pays about alike and which therefore raises the ratios between them."""
     graphs = core.runner.graphs
     if graphs is None:
         return None
