@@ -111,7 +111,7 @@ def test_meta_groups_rows_by_slot() -> None:
 
 
 def test_meta_is_reused_across_layers() -> None:
-    c = make_case(30, 24, (16,), num_slots=4, max_rank=8, dtype=torch.float32)
+    c = make_case(30, 24, (16,), num_slots=4, max_rank=8, dtype=torch.float32, device=DEVICE)
     meta = LoRAMeta.build(c["slot_ids"], 4)
     for backend in ("triton_sgmv", "triton_bgmv", "loop"):
         torch.testing.assert_close(run(c, backend, meta), run(c, "torch"), rtol=1e-4, atol=1e-4)
@@ -178,7 +178,7 @@ def test_empty_batch_is_a_no_op(backend: str) -> None:
 
 def test_large_segment_spans_many_blocks() -> None:
     c = make_case(150, 32, (24,), num_slots=2, max_rank=16, dtype=torch.float32,
-                  slot_ids=[1] * 140 + [0] * 5 + [-1] * 5)
+                  slot_ids=[1] * 140 + [0] * 5 + [-1] * 5, device=DEVICE)
     assert_matches_reference(c, "triton_sgmv")
 
 
@@ -205,8 +205,8 @@ def test_vector_aligned_needs_unit_stride_aligned_base_and_whole_vector_strides(
 
 
 def test_writes_only_its_columns_of_a_strided_output() -> None:
-    c = make_case(10, 32, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
-    big = torch.randn(10, 40)
+    c = make_case(10, 32, (16,), num_slots=2, max_rank=4, dtype=torch.float32, device=DEVICE)
+    big = torch.randn(10, 40).to(DEVICE)
     view = big[:, 8:24]
     view.copy_(c["y"])
     before = big.clone()
