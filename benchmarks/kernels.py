@@ -83,7 +83,12 @@ def check(p: Problem, backend: str) -> float:
     want, got = p.y0.clone(), p.y0.clone()
     p.run(want, "torch")
     p.run(got, backend)
-    delta = (want.float() - p.y0.float()).norm().item()
+    return relative_error(got, want, p.y0)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor, before: torch.Tensor) -> float:
+    """|got - want| over the size of the LoRA delta, want - before."""
+    delta = (want.float() - before.float()).norm().item()
     return (got.float() - want.float()).norm().item() / max(delta, 1e-30)
 
 
@@ -155,7 +160,7 @@ def layer_benchmark(timer: Callable, eager: Callable, backends: tuple[str, ...],
             want = p.x @ weights[n]
             base = want.clone()
             p.run(want, "torch")
-            errors.append((got.float() - want.float()).norm().item() / max((want.float() - base.float()).norm().item(), 1e-30))
+            errors.append(relative_error(got, want, base))
         result["linear_lora_error"][b] = max(errors)
         result["linear_lora_us"][b] = timer(linear_all)
     result["addon_over_base"] = {b: us / base_us - 1 for b, us in result["linear_lora_us"].items()}
