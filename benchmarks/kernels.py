@@ -137,10 +137,11 @@ def layer_benchmark(timer: Callable, eager: Callable, backends: tuple[str, ...],
                 for i, (name, (d_in, outs)) in enumerate(LLAMA3_8B.items())}
     # Scaled like a trained layer's (outputs of the size of the inputs), so that the bf16 rounding of the
     # GEMM's output does not swamp the LoRA delta in linear_lora's check.
-    weights = {n: torch.randn(p.d_in, sum(p.outs), device=device, dtype=p.x.dtype) * p.d_in**-0.5
+    # [out, in] like the model's, and its base GEMM: kernels.linear (on a GPU, the Triton decode GEMM).
+    weights = {n: torch.randn(sum(p.outs), p.d_in, device=device, dtype=p.x.dtype) * p.d_in**-0.5
                for n, p in problems.items()}
     ys = {n: p.y0.clone() for n, p in problems.items()}
-    base_us = timer(lambda: [p.x @ weights[n] for n, p in problems.items()])
+    base_us = timer(lambda: [kernels.linear(p.x, weights[n]) for n, p in problems.items()])
     result = {"t": t, "adapters": adapters, "rank": rank, "base_gemm_us": base_us, "lora_us": {}}
     for b in backends:
         run_all = lambda b=b: [p.run(ys[n], b) for n, p in problems.items()]  # noqa: E731
@@ -152,12 +153,12 @@ def layer_benchmark(timer: Callable, eager: Callable, backends: tuple[str, ...],
     result["linear_lora_us"], result["linear_lora_error"] = {}, {}
     for b in (b for b in backends if b not in BASELINES):
         def linear_all(b: str = b) -> list[torch.Tensor]:
-            return [kernels.linear_lora(p.x, weights[n].t(), p.lora_a, p.lora_b, p.slot_ids, p.scalings,
+            return [kernels.linear_lora(p.x, weights[n], p.lora_a, p.lora_b, p.slot_ids, p.scalings,
                                         meta=p.meta, backend=b) for n, p in problems.items()]
 
         errors = []
         for (n, p), got in zip(problems.items(), linear_all(), strict=True):
-            want = p.x @ weights[n]
+            want = kernels.linear(p.x, weights[n])
             base = want.clone()
             p.run(want, "torch")
             errors.append(relative_error(got, want, base))

@@ -9,8 +9,8 @@ if not torch.cuda.is_available():
 
 from kernels.layers import rms_norm, rotary_, silu_and_mul
 from kernels.meta import LoRAMeta
-from kernels.ops import BACKENDS, add_lora, add_lora_slices, linear_lora
+from kernels.ops import BACKENDS, add_lora, add_lora_slices, linear, linear_lora
 from kernels.paged_attention import paged_decode_attention
 
-__all__ = ["BACKENDS", "LoRAMeta", "add_lora", "add_lora_slices", "linear_lora", "paged_decode_attention", "rms_norm",
+__all__ = ["BACKENDS", "LoRAMeta", "add_lora", "add_lora_slices", "linear", "linear_lora", "paged_decode_attention", "rms_norm",
            "rotary_", "silu_and_mul"]

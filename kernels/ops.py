@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels.checks import FLOAT_DTYPES, describe
+from kernels import triton_linear
+from kernels.checks import FLOAT_DTYPES, check_op_backend, describe, use_triton
 from kernels.meta import LoRAMeta
 from kernels.reference import add_lora_gather_bmm, add_lora_loop, add_lora_torch
 
@@ -40,21 +41,36 @@ def add_lora_slices(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Ten
     fn(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """x @ weight.T as a new tensor. "auto": on a GPU at decode sizes our Triton GEMM (kernels.triton_linear),
+    else torch's; "torch": torch's; "triton": the Triton GEMM wherever it takes the shape (on the CPU through
+    the interpreter)."""
+    check_op_backend(backend)
+    _check_linear(x, weight)
+    return _gemm(torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device), x, weight, backend)
+
+
+def _gemm(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
+    if use_triton(backend, x) and triton_linear.supports(x, weight):
+        triton_linear.linear(x, weight, out=y)
+    else:
+        torch.mm(x, weight.t(), out=y)
+    return y
+
+
 def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Tensor],
                 lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor, *,
                 ranks: torch.Tensor | None = None, meta: LoRAMeta | None = None,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", gemm_backend: str = "auto") -> torch.Tensor:
     """x @ weight.T plus add_lora_slices' delta (weight: [sum of lora_b's out sizes, in]), as a new tensor.
+    The GEMM is kernels.linear's with gemm_backend, so a base-only step computes it alike.
 
     With a backend that works in two launches (shrink x @ A, then expand into y) the shrink needs only x,
     so on a GPU it runs on a side stream while the base GEMM runs and the expand waits for both: inside a
     decode CUDA graph that takes the shrink off the step's critical path.
     """
-    _check_matrix("x", x)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
-            or weight.dtype != x.dtype or weight.device != x.device:
-        raise ValueError(f"weight: expected a 2-D {x.dtype} tensor [out, {x.shape[1]}] on {x.device}, "
-                         f"got {describe(weight)}")
+    check_op_backend(gemm_backend)
+    _check_linear(x, weight)
     lora_a, lora_b = tuple(lora_a), tuple(lora_b)
     if all(isinstance(b, torch.Tensor) and b.dim() == 3 for b in lora_b) \
             and weight.shape[0] != (out := sum(b.shape[1] for b in lora_b)):
@@ -63,11 +79,11 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
     meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
     if y.shape[0] == 0 or meta.num_slots == 0:
-        return torch.mm(x, weight.t(), out=y)
+        return _gemm(y, x, weight, gemm_backend)
     name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
     phases = _two_phase(name, x, lora_a, lora_b, meta, offsets)
     if phases is None:
-        torch.mm(x, weight.t(), out=y)
+        _gemm(y, x, weight, gemm_backend)
         _backend_fn(name)(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
         return y
     # The shrink is queued before the GEMM: cuBLAS's decode GEMMs hold nearly every SM for their whole run
@@ -79,7 +95,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     shrink, expand = phases
     with fork.side():
         buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
-    torch.mm(x, weight.t(), out=y)
+    _gemm(y, x, weight, gemm_backend)
     fork.join(buf)
     expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
     return y
@@ -168,6 +184,14 @@ def _build_meta(slot_ids: torch.Tensor, lora_a: tuple, ranks: torch.Tensor | Non
     if ranks is not None:
         _check_rank_values(ranks, lora_a[0].shape[1])
     return meta
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor) -> None:
+    _check_matrix("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1] \
+            or weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight: expected a 2-D {x.dtype} tensor [out, {x.shape[1]}] on {x.device}, "
+                         f"got {describe(weight)}")
 
 
 def _check_matrix(name: str, t: object) -> None:

@@ -79,11 +79,13 @@ class LoRABatch:
     meta: Any  # kernels.LoRAMeta, built once per step
     backend: str
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, layer: int, modules: tuple[str, ...]) -> torch.Tensor:
-        """x @ weight.T plus each row's adapter delta of these (merged) modules."""
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, layer: int, modules: tuple[str, ...],
+               gemm_backend: str) -> torch.Tensor:
+        """x @ weight.T (kernels.linear's, with gemm_backend) plus each row's adapter delta of these (merged)
+        modules."""
         return kernels.linear_lora(x, weight, [self.lora_a[m][layer] for m in modules],
                                    [self.lora_b[m][layer] for m in modules], self.slot_ids, self.scalings,
-                                   ranks=self.ranks, meta=self.meta, backend=self.backend)
+                                   ranks=self.ranks, meta=self.meta, backend=self.backend, gemm_backend=gemm_backend)
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -140,9 +142,11 @@ class DecoderLayer(nn.Module):
         self.down_proj = _weight(args.hidden_size, args.intermediate_size)
 
     def _linear(
-        self, x: torch.Tensor, weight: torch.Tensor, lora: LoRABatch | None, modules: tuple[str, ...]
+        self, x: torch.Tensor, weight: torch.Tensor, lora: LoRABatch | None, modules: tuple[str, ...], backend: str
     ) -> torch.Tensor:
-        return F.linear(x, weight) if lora is None else lora.linear(x, weight, self.index, modules)
+        if lora is None:
+            return kernels.linear(x, weight, backend=backend)
+        return lora.linear(x, weight, self.index, modules, backend)
 
     def forward(
         self,
@@ -160,17 +164,18 @@ class DecoderLayer(nn.Module):
         next norm adds it, fused)."""
         args, d = self.args, self.args.head_dim
         x, residual = self.input_layernorm(h, residual, backend)
-        qkv = self._linear(x, self.qkv_proj, lora, QKV)
+        qkv = self._linear(x, self.qkv_proj, lora, QKV, backend)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, args.num_heads, d)
         k = k.view(-1, args.num_kv_heads, d)
         v = v.view(-1, args.num_kv_heads, d)
         kernels.rotary_(q, k, cos, sin, backend=backend)
         o = paged_attention(q, k, v, k_cache, v_cache, attn, scale=d**-0.5)
-        o = self._linear(o.flatten(1), self.o_proj, lora, ("o_proj",))
+        o = self._linear(o.flatten(1), self.o_proj, lora, ("o_proj",), backend)
         x, residual = self.post_attention_layernorm(o, residual, backend)
-        gate_up = self._linear(x, self.gate_up_proj, lora, GATE_UP)
-        return self._linear(kernels.silu_and_mul(gate_up, backend=backend), self.down_proj, lora, ("down_proj",)), residual
+        gate_up = self._linear(x, self.gate_up_proj, lora, GATE_UP, backend)
+        return self._linear(kernels.silu_and_mul(gate_up, backend=backend), self.down_proj, lora, ("down_proj",),
+                            backend), residual
 
 
 class LlamaModel(nn.Module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import LoRAMeta, add_lora, add_lora_slices
+from kernels import LoRAMeta, add_lora, add_lora_slices, triton_linear
 
 # KERNELS_TEST_DEVICE=cuda runs the backend tests on a GPU, with the cuda backend and bf16 too.
 DEVICE = os.environ.get("KERNELS_TEST_DEVICE", "cpu")
@@ -247,6 +247,63 @@ def test_linear_lora_checks_the_weight_and_handles_empty_batches() -> None:
     assert out.shape == (0, 12)
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+@pytest.mark.parametrize("gemm_backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["triton_sgmv", "triton_sgmv_pdl", "torch"])
+def test_linear_lora_base_gemm_is_kernels_linear(backend: str, gemm_backend: str, dtype: torch.dtype) -> None:
+    """linear_lora's base GEMM is kernels.linear's with the same backend (on a GPU, "auto" is the Triton
+    decode GEMM), so a LoRA step and a base-only step compute the base projection alike, to the bit."""
+    c = make_case(24, 160, (64, 32), num_slots=3, max_rank=16, dtype=dtype, seed=5, device=DEVICE)
+    weight = (torch.randn(96, 160, generator=torch.Generator().manual_seed(1)) / 160**0.5).to(dtype).to(DEVICE)
+    c["y"] = kernels.linear(c["x"], weight, backend=gemm_backend)
+    got = kernels.linear_lora(c["x"], weight, c["lora_a"], c["lora_b"], c["slot_ids"], c["scalings"],
+                              backend=backend, gemm_backend=gemm_backend)
+    assert torch.equal(got, run(c, backend))
+
+
+# --- kernels.linear: the Triton decode GEMM against torch's -------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+@pytest.mark.parametrize("m, k, n", [(1, 256, 96), (5, 200, 130), (16, 128, 64), (64, 384, 520)])
+def test_triton_linear_matches_torch(m: int, k: int, n: int, dtype: torch.dtype) -> None:
+    """Rows, `in` and `out` off the tile sizes included (masked edges): fp32 accumulation, one rounding."""
+    g = torch.Generator().manual_seed(m * k + n)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(DEVICE)
+    assert triton_linear.supports(x, weight)
+    got = kernels.linear(x, weight, backend="triton")
+    want = x.double() @ weight.double().T
+    assert got.shape == (m, n) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, rtol=TOL[dtype] / 4, atol=TOL[dtype] / 4)
+    torch.testing.assert_close(kernels.linear(x, weight, backend="torch").double(), want,
+                               rtol=TOL[dtype] / 4, atol=TOL[dtype] / 4)
+
+
+def test_linear_takes_torch_where_the_triton_gemm_does_not_apply() -> None:
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 32, generator=g).half()
+    cases = {"more rows than one tile": torch.randn(triton_linear.MAX_ROWS + 1, 32, generator=g).half(),
+             "fp32": torch.randn(4, 32, generator=g), "strided rows": torch.randn(4, 64, generator=g).half()[:, ::2]}
+    for name, x in cases.items():
+        w = weight.float() if x.dtype == torch.float32 else weight
+        assert not triton_linear.supports(x, w), name
+        assert torch.equal(kernels.linear(x, w, backend="triton"), torch.mm(x, w.t())), name
+    # "auto" is torch's on the CPU
+    x = torch.randn(4, 32, generator=g).half()
+    assert torch.equal(kernels.linear(x, weight), torch.mm(x, weight.t()))
+
+
+def test_linear_checks_its_arguments() -> None:
+    x, weight = torch.randn(4, 32), torch.randn(8, 32)
+    for bad_weight in (torch.randn(8, 31), torch.randn(8, 32).half(), torch.randn(32)):
+        with pytest.raises(ValueError, match=r"^weight"):
+            kernels.linear(x, bad_weight)
+    with pytest.raises(ValueError, match=r"^x"):
+        kernels.linear(torch.randn(32), weight)
+    with pytest.raises(ValueError, match=r"^backend"):
+        kernels.linear(x, weight, backend="cublas")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where there is no GPU")
 def test_cuda_backend_explains_why_it_cannot_run() -> None:
     c = make_case(4, 16, (16,), num_slots=2, max_rank=4, dtype=torch.float32)
@@ -300,7 +357,7 @@ def test_bad_slice_lists_are_rejected() -> None:
 
 
 def test_package_exports_the_contract() -> None:
-    assert {"add_lora", "add_lora_slices", "linear_lora", "LoRAMeta"} <= set(kernels.__all__)
+    assert {"add_lora", "add_lora_slices", "linear", "linear_lora", "LoRAMeta"} <= set(kernels.__all__)
     assert set(kernels.BACKENDS) == {"torch", "loop", "gather_bmm", "triton_sgmv", "triton_bgmv",
                                      "triton_sgmv_pdl", "cuda", "auto"}
 
