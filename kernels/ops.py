@@ -51,7 +51,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto") -> t
 
 
 def _gemm(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
-    if use_triton(backend, x) and triton_linear.supports(x, weight):
+    if use_triton(backend, x) and triton_linear.supports(x, weight):  # linear_lora's triton_gemm
         triton_linear.linear(x, weight, out=y)
     else:
         torch.mm(x, weight.t(), out=y)
@@ -81,7 +81,8 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     if y.shape[0] == 0 or meta.num_slots == 0:
         return _gemm(y, x, weight, gemm_backend)
     name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
-    phases = _two_phase(name, x, lora_a, lora_b, meta, offsets)
+    triton_gemm = use_triton(gemm_backend, x) and triton_linear.supports(x, weight)
+    phases = _two_phase(name, x, lora_a, lora_b, meta, offsets, triton_gemm)
     if phases is None:
         _gemm(y, x, weight, gemm_backend)
         _backend_fn(name)(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
@@ -134,14 +135,16 @@ def _backend_fn(name: str) -> Callable:
 
 
 def _two_phase(name: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, meta: LoRAMeta,
-               offsets: Sequence[int]) -> tuple[Callable, Callable] | None:
+               offsets: Sequence[int], after_triton_gemm: bool) -> tuple[Callable, Callable] | None:
     """(shrink, expand) of a two-launch backend, sharing one tile plan (built once per call, as in
     add_lora_sgmv). triton_sgmv_pdl's overlap of its two launches does not apply here: the expand's other
-    input comes from the GEMM on the main stream."""
+    input comes from the GEMM on the main stream. After our Triton GEMM, which triggers its dependents as
+    it starts, triton_sgmv's expand is launched as its programmatic dependent instead."""
     if name in ("triton_sgmv", "triton_sgmv_pdl"):
         from kernels import triton_sgmv
 
         plan = triton_sgmv.Plan(x, lora_a, lora_b, meta, offsets, beside_gemm=True)
+        plan.after_gemm = after_triton_gemm and triton_sgmv.supports_pdl(x.device)
         return functools.partial(triton_sgmv.shrink, plan=plan), functools.partial(triton_sgmv.expand, plan=plan)
     if name == "triton_bgmv":
         from kernels import triton_bgmv

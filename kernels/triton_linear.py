@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels import launch
+from kernels.triton_sgmv import supports_pdl
 
 MAX_ROWS = 64  # at 128 rows cuBLAS was faster (H100, a layer's four projections: 180 vs 233 us)
 
@@ -27,7 +28,9 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, EVEN_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # a programmatic dependent (linear_lora's expand) may start now; it waits for y before reading it
+        tl.extra.cuda.gdc_launch_dependents()
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
@@ -52,7 +55,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     block_m, block_n, block_k, stages = _config(m, n, x.device)
     _linear_kernel[(triton.cdiv(n, block_n),)](x, weight, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n,
                                                BLOCK_K=block_k, STAGES=stages, EVEN_K=k % block_k == 0,
-                                               num_warps=4)
+                                               PDL=supports_pdl(x.device), num_warps=4)
 
 
 def _config(m: int, n: int, device: torch.device) -> tuple[int, int, int, int]:

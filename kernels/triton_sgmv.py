@@ -82,8 +82,8 @@ def _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_h
 @triton.jit
 def _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, BLOCK_R: tl.constexpr,
                  ALIGNED: tl.constexpr):
-    """B[slot, offs_n, :rank] transposed, and the y tile it adds into (pointers, mask, old values). Loaded
-    before the rank vectors are summed, so these HBM reads overlap that work."""
+    """B[slot, offs_n, :rank] transposed, and the y tile it adds into (pointers, mask). Loaded before the
+    rank vectors are summed, so these HBM reads overlap that work."""
     b_ptr, sb0, sb1, sb2 = slice_weights(slice_row, 4, y_ptr.dtype.element_ty, ALIGNED)
     b_ptr += slot.to(tl.int64) * sb0
     rank, n_out, column = vector_bounds(slice_row, rank, y_ptr.dtype.element_ty, ALIGNED)
@@ -92,8 +92,7 @@ def _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, B
     bt = tl.load(b_ptr + offs_n[None, :] * sb1 + offs_r[:, None] * sb2,
                  mask=(offs_r < rank)[:, None] & n_mask[None, :], other=0.0)
     y_tile = y_ptr + rows[:, None] * sy0 + (column + offs_n)[None, :] * sy1
-    mask = m_mask[:, None] & n_mask[None, :]
-    return bt, y_tile, mask, tl.load(y_tile, mask=mask, other=0.0)
+    return bt, y_tile, m_mask[:, None] & n_mask[None, :]
 
 
 @triton.jit
@@ -127,7 +126,7 @@ def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr,
 def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_rows_ptr, ranks_ptr,
                         scalings_ptr, T, R, SPLITS: tl.constexpr, HAS_RANKS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
-                        ALIGNED: tl.constexpr):
+                        AFTER_GEMM: tl.constexpr, ALIGNED: tl.constexpr):
     pid_b, pid_n, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slice_row = table_ptr + j * 10
     n_out = tl.load(slice_row + 8)
@@ -135,10 +134,15 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
     if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
-    bt, y_tile, mask, y_old = _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
-                                           pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_R, ALIGNED)
+    bt, y_tile, mask = _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
+                                    pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_R, ALIGNED)
     if PDL:  # B and y (written before the shrink started) are loaded; the partials need the shrink done
+        y_old = tl.load(y_tile, mask=mask, other=0.0)
         tl.extra.cuda.gdc_wait()
+    if AFTER_GEMM:  # the dependent of the GEMM that writes y: B is loaded; y and the partials wait for it
+        tl.extra.cuda.gdc_wait()
+    if not PDL:
+        y_old = tl.load(y_tile, mask=mask, other=0.0)
     offs_r = tl.arange(0, BLOCK_R)
     t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for s in tl.static_range(SPLITS):  # unrolled: the partials' loads are all in flight at once
@@ -165,6 +169,9 @@ class Plan:
         self.shrink_warps, self.expand_warps = 4, 4
         self.num_stages = 3
         self.pdl = False
+        # linear_lora: the expand is launched as the programmatic dependent of a GEMM that triggers early
+        # (kernels.triton_linear), so its launch and its B and partials loads overlap the GEMM.
+        self.after_gemm = False
         self.aligned = weights_aligned(lora_a, lora_b, offsets)
         self.blocks = meta.blocks(self.block_m)
         # Shrink splits of `in`: each program's K loop is short, so many programs keep loads in flight.
@@ -220,7 +227,8 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
         y, y.stride(0), y.stride(1), buf, table, plan.blocks, meta.sorted_rows,
         ranks if ranks is not None else table, scalings, t, max_rank, SPLITS=splits, HAS_RANKS=ranks is not None,
         DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r,
-        PDL=plan.pdl, ALIGNED=plan.aligned, launch_pdl=plan.pdl, num_warps=plan.expand_warps,
+        PDL=plan.pdl, AFTER_GEMM=plan.after_gemm, ALIGNED=plan.aligned, launch_pdl=plan.pdl or plan.after_gemm,
+        num_warps=plan.expand_warps,
         num_stages=plan.num_stages)
 
 
