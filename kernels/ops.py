@@ -50,8 +50,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto") -> t
     return _gemm(torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device), x, weight, backend)
 
 
+def _triton_gemm(x: torch.Tensor, weight: torch.Tensor, backend: str) -> bool:
+    return use_triton(backend, x) and triton_linear.supports(x, weight)
+
+
 def _gemm(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
-    if use_triton(backend, x) and triton_linear.supports(x, weight):  # linear_lora's triton_gemm
+    if _triton_gemm(x, weight, backend):
         triton_linear.linear(x, weight, out=y)
     else:
         torch.mm(x, weight.t(), out=y)
@@ -81,8 +85,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     if y.shape[0] == 0 or meta.num_slots == 0:
         return _gemm(y, x, weight, gemm_backend)
     name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
-    triton_gemm = use_triton(gemm_backend, x) and triton_linear.supports(x, weight)
-    phases = _two_phase(name, x, lora_a, lora_b, meta, offsets, triton_gemm)
+    phases = _two_phase(name, x, lora_a, lora_b, meta, offsets, _triton_gemm(x, weight, gemm_backend))
     if phases is None:
         _gemm(y, x, weight, gemm_backend)
         _backend_fn(name)(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)

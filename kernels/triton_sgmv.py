@@ -170,7 +170,7 @@ class Plan:
         self.num_stages = 3
         self.pdl = False
         # linear_lora: the expand is launched as the programmatic dependent of a GEMM that triggers early
-        # (kernels.triton_linear), so its launch and its B and partials loads overlap the GEMM.
+        # (kernels.triton_linear), so its launch and its B loads overlap the GEMM.
         self.after_gemm = False
         self.aligned = weights_aligned(lora_a, lora_b, offsets)
         self.blocks = meta.blocks(self.block_m)

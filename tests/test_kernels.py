@@ -252,7 +252,8 @@ def test_linear_lora_checks_the_weight_and_handles_empty_batches() -> None:
 @pytest.mark.parametrize("backend", ["triton_sgmv", "triton_sgmv_pdl", "torch"])
 def test_linear_lora_base_gemm_is_kernels_linear(backend: str, gemm_backend: str, dtype: torch.dtype) -> None:
     """linear_lora's base GEMM is kernels.linear's with the same backend (on a GPU, "auto" is the Triton
-    decode GEMM), so a LoRA step and a base-only step compute the base projection alike, to the bit."""
+    decode GEMM), so a LoRA step and a base-only step compute the base projection alike, to the bit. On a
+    Hopper GPU the expand then runs as the GEMM's programmatic dependent: it must not read y early."""
     c = make_case(24, 160, (64, 32), num_slots=3, max_rank=16, dtype=dtype, seed=5, device=DEVICE)
     weight = (torch.randn(96, 160, generator=torch.Generator().manual_seed(1)) / 160**0.5).to(dtype).to(DEVICE)
     c["y"] = kernels.linear(c["x"], weight, backend=gemm_backend)
