@@ -47,15 +47,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, backend: str = "auto") -> t
     the interpreter)."""
     check_op_backend(backend)
     _check_linear(x, weight)
-    return _gemm(torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device), x, weight, backend)
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    return _gemm(y, x, weight, _triton_gemm(x, weight, backend))
 
 
 def _triton_gemm(x: torch.Tensor, weight: torch.Tensor, backend: str) -> bool:
     return use_triton(backend, x) and triton_linear.supports(x, weight)
 
 
-def _gemm(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, backend: str) -> torch.Tensor:
-    if _triton_gemm(x, weight, backend):
+def _gemm(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, triton_gemm: bool) -> torch.Tensor:
+    if triton_gemm:
         triton_linear.linear(x, weight, out=y)
     else:
         torch.mm(x, weight.t(), out=y)
@@ -82,12 +83,13 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     offsets = _check(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, backend)
     meta = meta if meta is not None else _build_meta(slot_ids, lora_a, ranks)
+    triton_gemm = _triton_gemm(x, weight, gemm_backend)
     if y.shape[0] == 0 or meta.num_slots == 0:
-        return _gemm(y, x, weight, gemm_backend)
+        return _gemm(y, x, weight, triton_gemm)
     name = _backend_name(backend, x, lora_a, lora_b, meta.max_adapters)
-    phases = _two_phase(name, x, lora_a, lora_b, meta, offsets, _triton_gemm(x, weight, gemm_backend))
+    phases = _two_phase(name, x, lora_a, lora_b, meta, offsets, triton_gemm)
     if phases is None:
-        _gemm(y, x, weight, gemm_backend)
+        _gemm(y, x, weight, triton_gemm)
         _backend_fn(name)(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
         return y
     # The shrink is queued before the GEMM: cuBLAS's decode GEMMs hold nearly every SM for their whole run
@@ -99,7 +101,7 @@ def linear_lora(x: torch.Tensor, weight: torch.Tensor, lora_a: Sequence[torch.Te
     shrink, expand = phases
     with fork.side():
         buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets)
-    _gemm(y, x, weight, gemm_backend)
+    _gemm(y, x, weight, triton_gemm)
     fork.join(buf)
     expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets)
     return y
