@@ -1,7 +1,9 @@
-"""What the Triton and CUDA backends share: the per-slice pointer table and the split-K choice."""
+"""What the Triton and CUDA backends share: the per-slice pointer table, the split-K choice, and whether the
+GPU has programmatic dependent launch."""
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -57,3 +59,9 @@ def split_k(k: int, block_k: int, programs_without_split: int, device: torch.dev
     splits = min(1 << (want.bit_length() - 1), k_blocks, max_splits)
     per_split = -(-k_blocks // splits) * block_k
     return -(-k // per_split), per_split
+
+
+@functools.cache
+def supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: sm_90 and later (elsewhere, incl. the interpreter, plain launches)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9

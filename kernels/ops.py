@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from kernels import triton_linear
+from kernels import launch, triton_linear
 from kernels.checks import FLOAT_DTYPES, check_op_backend, describe, use_triton
 from kernels.meta import LoRAMeta
 from kernels.reference import add_lora_gather_bmm, add_lora_loop, add_lora_torch
@@ -149,7 +149,7 @@ def _two_phase(name: str, x: torch.Tensor, lora_a: tuple, lora_b: tuple, meta: L
         from kernels import triton_sgmv
 
         plan = triton_sgmv.Plan(x, lora_a, lora_b, meta, offsets, beside_gemm=True)
-        plan.after_gemm = after_triton_gemm and triton_sgmv.supports_pdl(x.device)
+        plan.after_gemm = after_triton_gemm and launch.supports_pdl(x.device)
         return functools.partial(triton_sgmv.shrink, plan=plan), functools.partial(triton_sgmv.expand, plan=plan)
     if name == "triton_bgmv":
         from kernels import triton_bgmv

@@ -15,7 +15,6 @@ import triton
 import triton.language as tl
 
 from kernels import launch
-from kernels.triton_sgmv import supports_pdl
 
 MAX_ROWS = 64  # at 128 rows cuBLAS was faster (H100, a layer's four projections: 180 vs 233 us)
 
@@ -55,7 +54,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
     block_m, block_n, block_k, stages = _config(m, n, x.device)
     _linear_kernel[(triton.cdiv(n, block_n),)](x, weight, out, m, n, k, BLOCK_M=block_m, BLOCK_N=block_n,
                                                BLOCK_K=block_k, STAGES=stages, EVEN_K=k % block_k == 0,
-                                               PDL=supports_pdl(x.device), num_warps=4)
+                                               PDL=launch.supports_pdl(x.device), num_warps=4)
 
 
 def _config(m: int, n: int, device: torch.device) -> tuple[int, int, int, int]:

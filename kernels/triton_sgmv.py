@@ -9,7 +9,6 @@ with split shrink programs handing over to expand programs through per-group cou
 Instead, triton_sgmv_pdl overlaps the second launch with the first (programmatic dependent launch)."""
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -236,7 +235,7 @@ def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.Tenso
                   lora_b: Sequence[torch.Tensor], slot_ids: torch.Tensor, scalings: torch.Tensor,
                   ranks: torch.Tensor | None, meta: LoRAMeta, offsets: Sequence[int], *, pdl: bool = False) -> None:
     plan = Plan(x, lora_a, lora_b, meta, offsets)
-    plan.pdl = pdl and supports_pdl(x.device)
+    plan.pdl = pdl and launch.supports_pdl(x.device)
     buf = shrink(x, lora_a, lora_b, slot_ids, ranks, meta, offsets, plan)
     expand(y, buf, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, plan)
 
@@ -247,12 +246,6 @@ def add_lora_sgmv_pdl(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.T
     """triton_sgmv with the expand launched as a programmatic dependent launch (Hopper and later): it
     starts while the shrink runs and loads its B and y tiles, hiding most of a second launch."""
     add_lora_sgmv(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, pdl=True)
-
-
-@functools.cache
-def supports_pdl(device: torch.device) -> bool:
-    """Programmatic dependent launch: sm_90 and later (elsewhere, incl. the interpreter, plain launches)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _precision(t: torch.Tensor) -> str:
