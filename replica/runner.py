@@ -44,7 +44,7 @@ class ModelRunner:
         self.block_size = block_size
         self.kernel_backend = kernel_backend
         self.device = device
-        self.sampler = Sampler()
+        self.sampler = Sampler(device)
         if attention_backend == "auto":
             attention_backend = "triton" if device.type == "cuda" else "torch"
         self.attention_backend = attention_backend

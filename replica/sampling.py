@@ -59,45 +59,65 @@ def _is_number(value: object) -> bool:
 
 
 class Sampler:
-    """Picks one token per row. Random rows draw from their own generator, so a seeded
-    request gives the same tokens whatever else is in the batch."""
+    """Picks one token per row, the whole batch at once on the logits' device: one sort for top-k/top-p,
+    then the exponential race (argmax of p / q, q ~ Exp(1): a draw from p, the trick vLLM samples with).
+    A seeded request draws its q from its own generator, so it gets the same tokens whatever else is in
+    the batch; unseeded rows share one generator."""
 
-    def __init__(self) -> None:
-        self._unseeded = torch.Generator()
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self._unseeded = torch.Generator(self.device)
         self._unseeded.seed()
 
-    def new_generator(self, seed: int | None) -> torch.Generator:
-        gen = torch.Generator()
+    def new_generator(self, seed: int | None) -> torch.Generator | None:
+        """A seeded request's own generator on the sampling device; None (unseeded) shares the sampler's."""
         if seed is None:
-            gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._unseeded)))
-        else:
-            gen.manual_seed(seed)
+            return None
+        gen = torch.Generator(self.device)
+        gen.manual_seed(seed)
         return gen
 
     def __call__(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
     ) -> list[int]:
-        """logits [B, vocab] (any device/dtype); one token id per row."""
-        tokens = logits.argmax(dim=-1).tolist()
-        random_rows = [i for i, p in enumerate(params) if not p.greedy]
-        if not random_rows:
-            return tokens
-        rows = logits[random_rows].float().cpu()
-        for j, i in enumerate(random_rows):
-            tokens[i] = _sample_row(rows[j], params[i], generators[i])
-        return tokens
+        """logits [B, vocab] on the sampler's device, any float dtype; one token id per row."""
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            picked = [params[i] for i in rows]
+            tokens[rows] = self._sample(logits[rows].float(), picked, [generators[i] for i in rows])
+        return tokens.tolist()
+
+    def _sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    ) -> torch.Tensor:
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        logits = _top_k_top_p(logits.div_(temperature[:, None]), params)
+        probs = logits.softmax(dim=-1)
+        race = torch.empty_like(probs)
+        if any(g is None for g in generators):
+            race.exponential_(generator=self._unseeded)
+        for row, gen in enumerate(generators):
+            if gen is not None:
+                race[row].exponential_(generator=gen)
+        return probs.div_(race).argmax(dim=-1)
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if p.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = cumulative - sorted_logits.softmax(-1) >= p.top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, -math.inf))
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=gen))
+def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits with what top-k leaves out (below the k-th largest value; ties stay) and then what top-p
+    leaves out (beyond the smallest set of most likely tokens whose mass reaches p; the most likely
+    token always stays) set to -inf."""
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if min(top_k) == vocab and min(top_p) == 1.0:
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)
+    if min(top_k) < vocab:
+        k = torch.tensor(top_k, device=logits.device)
+        ordered.masked_fill_(ordered < ordered.gather(1, (k - 1)[:, None]), -math.inf)
+    if min(top_p) < 1.0:
+        probs = ordered.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1).sub_(probs)
+        ordered.masked_fill_(mass_before >= torch.tensor(top_p, device=logits.device)[:, None], -math.inf)
+    return logits.scatter_(-1, order, ordered)

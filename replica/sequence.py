@@ -38,7 +38,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
-    generator: torch.Generator
+    generator: torch.Generator | None  # a seeded request's own; None: the sampler's shared one
     adapter: LoRARequest | None = None
     eos_token_ids: frozenset[int] = frozenset()
     arrival: int = field(default_factory=lambda: next(_arrival))

@@ -53,6 +53,8 @@ def test_tiny_run_writes_every_point(tmp_path: Path) -> None:
         assert [p["batch"] for p in results["baseline"]["points"][workload]] == list(BASELINE_BATCHES)
         assert all(p["tokens_per_s"] > 0 for p in results["baseline"]["points"][workload])
     assert len(results["ratios_vs_baseline"]) == len(BASELINE_WORKLOADS) * len(BASELINE_BATCHES)
+    sampled = results["sampled"]
+    assert sampled["batch"] == 64 and sampled["tokens_per_s"] > 0 and sampled["over_greedy"] > 0
     mixed = results["mixed_ranks"]
     assert mixed["tokens_per_s"] > 0 and sorted(set(mixed["adapter_ranks"])) == [8, 16, 64]
     loads = results["loads_off_step_loop"]

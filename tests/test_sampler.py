@@ -86,6 +86,44 @@ def test_top_k_and_top_p_keep_only_their_tokens():
     assert set(sampler(logits, [SamplingParams(temperature=2.0)] * 400, gens)) == set(range(5))
 
 
+@pytest.mark.parametrize(
+    ("params", "kept"),
+    [(SamplingParams(temperature=1.5), 5), (SamplingParams(temperature=0.7, top_k=3), 3),
+     (SamplingParams(top_p=0.8), 3)],  # softmax 0.53, 0.20, 0.12: 0.73 < 0.8 needs the third
+)  # fmt: skip
+def test_sampled_frequencies_follow_the_kept_distribution(params, kept):
+    """Each row's token is a draw from softmax(logits / temperature) over what top-k/top-p keep: the
+    frequencies over many rows, seeded or sharing the sampler's generator, match it."""
+    sampler = Sampler()
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    expected = torch.zeros(5)
+    expected[:kept] = (row[:kept] / params.temperature).softmax(-1)
+    n = 20000
+    for gens in ([sampler.new_generator(i) for i in range(n)], [sampler.new_generator(None)] * n):
+        tokens = torch.tensor(sampler(row.repeat(n, 1), [params] * n, gens))
+        freq = torch.bincount(tokens, minlength=5).float() / n
+        assert (freq - expected).abs().max() < 0.02, (params, freq, expected)  # 5 sigma at n = 20000
+
+
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
+    """Step after step, a seeded row sampled alone and the same row among greedy, unseeded and other
+    seeded rows with other settings draw the same tokens."""
+    sampler = Sampler()
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
+    seeded = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, seed=5)
+    others = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_p=0.5), SamplingParams(top_k=3)]
+    gen_alone, gen_batched, gen_other = (sampler.new_generator(s) for s in (5, 5, 9))
+    alone, batched = [], []
+    for step in range(6):
+        alone += sampler(logits[step : step + 1], [seeded], [gen_alone])
+        rows = [7 - step, step, 6, 7][: 2 + step % 3]  # the seeded row second, in batches of 2 to 4
+        tokens = sampler(logits[rows], [others[0], seeded, *others[1:]][: len(rows)],
+                         [None, gen_batched, None, gen_other][: len(rows)])  # fmt: skip
+        batched.append(tokens[1])
+    assert batched == alone
+    assert len(set(alone)) > 1  # it does sample
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(core):
     prompt = [7, 8, 9, 10]
     seeded = SamplingParams(max_tokens=12, temperature=1.5, top_k=50, top_p=0.95, seed=1234, ignore_eos=True)
