@@ -59,15 +59,17 @@ def _is_number(value: object) -> bool:
 
 
 class Sampler:
-    """Picks one token per row, the whole batch at once on the logits' device: one sort for top-k/top-p,
-    then the exponential race (argmax of p / q, q ~ Exp(1): a draw from p, the trick vLLM samples with).
-    A seeded request draws its q from its own generator, so it gets the same tokens whatever else is in
-    the batch; unseeded rows share one generator."""
+    """Picks one token per row, the whole batch at once on the logits' device: top-k and top-p as masks
+    (one sort where top-p asks for it), then the exponential race (argmax of p / q, q ~ Exp(1): a draw
+    from p, the trick vLLM samples with). A seeded request draws its q from its own generator, so it gets
+    the same tokens whatever else is in the batch; unseeded rows share one generator. Nothing waits for
+    the GPU before the final copy of the tokens: the host queues the sampling while the step still runs."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._unseeded = torch.Generator(self.device)
         self._unseeded.seed()
+        self._staging = torch.empty(0)
 
     def new_generator(self, seed: int | None) -> torch.Generator | None:
         """A seeded request's own generator on the sampling device; None (unseeded) shares the sampler's."""
@@ -83,41 +85,56 @@ class Sampler:
         """logits [B, vocab] on the sampler's device, any float dtype; one token id per row."""
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
-        if rows:
-            picked = [params[i] for i in rows]
-            tokens[rows] = self._sample(logits[rows].float(), picked, [generators[i] for i in rows])
-        return tokens.tolist()
-
-    def _sample(
-        self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> torch.Tensor:
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-        logits = _top_k_top_p(logits.div_(temperature[:, None]), params)
-        probs = logits.softmax(dim=-1)
-        race = torch.empty_like(probs)
+        if not rows:
+            return tokens.tolist()
+        picked = [params[i] for i in rows]
+        vocab = logits.shape[-1]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in picked]
+        top_p = [p.top_p for p in picked]
+        index, temperature, k, p = self._upload([rows, [p.temperature for p in picked], top_k, top_p])
+        index = index.long()
+        every_row = len(rows) == len(params)
+        logits = logits if every_row else logits.index_select(0, index)
+        x = logits.float() / temperature[:, None]
+        if min(top_p) < 1.0:
+            x.masked_fill_(x < _top_p_cut(logits, temperature, k.long(), p, top_k=min(top_k) < vocab), -math.inf)
+        elif min(top_k) < vocab:  # top-k alone needs no sort: the k-th largest value is the cut
+            x.masked_fill_(x < x.topk(max(top_k), dim=-1).values.gather(1, k.long()[:, None] - 1), -math.inf)
+        race = torch.empty_like(x)
         if any(g is None for g in generators):
             race.exponential_(generator=self._unseeded)
-        for row, gen in enumerate(generators):
-            if gen is not None:
-                race[row].exponential_(generator=gen)
-        return probs.div_(race).argmax(dim=-1)
+        for row, i in enumerate(rows):
+            if generators[i] is not None:
+                race[row].exponential_(generator=generators[i])
+        sampled = x.softmax(dim=-1).div_(race).argmax(dim=-1)
+        return (sampled if every_row else tokens.index_copy_(0, index, sampled)).tolist()
+
+    def _upload(self, columns: list[list[float]]) -> torch.Tensor:
+        """Per-row values, one row of the result per column, on the device in one copy that does not
+        wait: a copy from pageable memory would first wait for the whole step. The staging buffer is
+        free again by the next call, which comes after this one's tokens reached the host."""
+        host = torch.tensor(columns, dtype=torch.float32)  # exact for row indices and k below 2**24
+        if self.device.type != "cuda":
+            return host
+        if self._staging.numel() < host.numel():
+            self._staging = torch.empty(2 * host.numel(), pin_memory=True)
+        staging = self._staging[: host.numel()].view_as(host)
+        staging.copy_(host)
+        return staging.to(self.device, non_blocking=True)
 
 
-def _top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits with what top-k leaves out (below the k-th largest value; ties stay) and then what top-p
-    leaves out (beyond the smallest set of most likely tokens whose mass reaches p; the most likely
-    token always stays) set to -inf."""
-    vocab = logits.shape[-1]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    top_p = [p.top_p for p in params]
-    if min(top_k) == vocab and min(top_p) == 1.0:
-        return logits
-    ordered, order = logits.sort(dim=-1, descending=True)
-    if min(top_k) < vocab:
-        k = torch.tensor(top_k, device=logits.device)
-        ordered.masked_fill_(ordered < ordered.gather(1, (k - 1)[:, None]), -math.inf)
-    if min(top_p) < 1.0:
-        probs = ordered.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1).sub_(probs)
-        ordered.masked_fill_(mass_before >= torch.tensor(top_p, device=logits.device)[:, None], -math.inf)
-    return logits.scatter_(-1, order, ordered)
+def _top_p_cut(
+    logits: torch.Tensor, temperature: torch.Tensor, k: torch.Tensor, p: torch.Tensor, *, top_k: bool
+) -> torch.Tensor:
+    """Per row [B, 1], the smallest value of logits / temperature that top-k (the k-th largest value) and
+    then top-p (the smallest set of most likely tokens whose mass reaches p; the most likely token always
+    stays) keep; tokens equal to it stay too, so ties never depend on the batch. One sort, of the raw
+    logits (16-bit keys sort faster, and dividing by the temperature keeps their order)."""
+    ordered = logits.sort(dim=-1, descending=True).values.float() / temperature[:, None]
+    if top_k:
+        ordered.masked_fill_(ordered < ordered.gather(1, k[:, None] - 1), -math.inf)
+    probs = ordered.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1).sub_(probs)
+    # rows without top-p keep what top-k kept, whatever the rounding of their cumulative mass
+    kept = torch.where(p < 1.0, (mass_before < p[:, None]).sum(dim=-1), (probs > 0).sum(dim=-1))
+    return ordered.gather(1, kept[:, None] - 1)

@@ -89,7 +89,8 @@ def test_top_k_and_top_p_keep_only_their_tokens():
 @pytest.mark.parametrize(
     ("params", "kept"),
     [(SamplingParams(temperature=1.5), 5), (SamplingParams(temperature=0.7, top_k=3), 3),
-     (SamplingParams(top_p=0.8), 3)],  # softmax 0.53, 0.20, 0.12: 0.73 < 0.8 needs the third
+     (SamplingParams(top_p=0.8), 3),  # softmax 0.53, 0.20, 0.12: 0.73 < 0.8 needs the third
+     (SamplingParams(top_k=2, top_p=0.9), 2)],  # top-p over what top-k kept: 0.73, 0.27
 )  # fmt: skip
 def test_sampled_frequencies_follow_the_kept_distribution(params, kept):
     """Each row's token is a draw from softmax(logits / temperature) over what top-k/top-p keep: the
@@ -105,12 +106,16 @@ def test_sampled_frequencies_follow_the_kept_distribution(params, kept):
         assert (freq - expected).abs().max() < 0.02, (params, freq, expected)  # 5 sigma at n = 20000
 
 
-def test_a_seeded_row_draws_the_same_tokens_in_any_batch():
+@pytest.mark.parametrize(
+    "seeded",
+    [SamplingParams(temperature=1.3, top_k=20, top_p=0.9, seed=5), SamplingParams(top_k=20, seed=5),
+     SamplingParams(temperature=0.9, seed=5)],
+)  # fmt: skip
+def test_a_seeded_row_draws_the_same_tokens_in_any_batch(seeded):
     """Step after step, a seeded row sampled alone and the same row among greedy, unseeded and other
-    seeded rows with other settings draw the same tokens."""
+    seeded rows with other settings (so other code paths: a sort for top-p) draw the same tokens."""
     sampler = Sampler()
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
-    seeded = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, seed=5)
     others = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_p=0.5), SamplingParams(top_k=3)]
     gen_alone, gen_batched, gen_other = (sampler.new_generator(s) for s in (5, 5, 9))
     alone, batched = [], []
