@@ -60,10 +60,10 @@ def _is_number(value: object) -> bool:
 
 class Sampler:
     """Picks one token per row, the whole batch at once on the logits' device: top-k and top-p as masks
-    (one sort where top-p asks for it), then the exponential race (argmax of p / q, q ~ Exp(1): a draw
-    from p, the trick vLLM samples with). A seeded request draws its q from its own generator, so it gets
-    the same tokens whatever else is in the batch; unseeded rows share one generator. Nothing waits for
-    the GPU before the final copy of the tokens: the host queues the sampling while the step still runs."""
+    (one sort where top-p asks for it), then the exponential race (argmax of p / q with q ~ Exp(1) is a
+    draw from p: the trick vLLM samples with). A seeded request draws its q from its own generator, so it
+    gets the same tokens whatever else is in the batch; unseeded rows share one generator. Nothing waits
+    for the GPU before the final copy of the tokens: the host queues the sampling while the step runs."""
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -95,9 +95,11 @@ class Sampler:
         index = index.long()
         every_row = len(rows) == len(params)
         logits = logits if every_row else logits.index_select(0, index)
-        x = logits.float() / temperature[:, None]
+        x = logits / temperature[:, None]  # float32, in one kernel
         if min(top_p) < 1.0:
-            x.masked_fill_(x < _top_p_cut(logits, temperature, k.long(), p, top_k=min(top_k) < vocab), -math.inf)
+            x.masked_fill_(
+                x < _top_p_cut(logits, temperature, k.long(), p, top_k=min(top_k) < vocab), -math.inf
+            )
         elif min(top_k) < vocab:  # top-k alone needs no sort: the k-th largest value is the cut
             x.masked_fill_(x < x.topk(max(top_k), dim=-1).values.gather(1, k.long()[:, None] - 1), -math.inf)
         race = torch.empty_like(x)
@@ -106,7 +108,8 @@ class Sampler:
         for row, i in enumerate(rows):
             if generators[i] is not None:
                 race[row].exponential_(generator=generators[i])
-        sampled = x.softmax(dim=-1).div_(race).argmax(dim=-1)
+        # argmax(softmax(x) / race) without the softmax; a draw of exactly 0 would make a masked -inf a NaN
+        sampled = x.sub_(race.clamp_min_(torch.finfo(race.dtype).tiny).log_()).argmax(dim=-1)
         return (sampled if every_row else tokens.index_copy_(0, index, sampled)).tolist()
 
     def _upload(self, columns: list[list[float]]) -> torch.Tensor:
@@ -130,7 +133,7 @@ def _top_p_cut(
     then top-p (the smallest set of most likely tokens whose mass reaches p; the most likely token always
     stays) keep; tokens equal to it stay too, so ties never depend on the batch. One sort, of the raw
     logits (16-bit keys sort faster, and dividing by the temperature keeps their order)."""
-    ordered = logits.sort(dim=-1, descending=True).values.float() / temperature[:, None]
+    ordered = logits.sort(dim=-1, descending=True).values / temperature[:, None]
     if top_k:
         ordered.masked_fill_(ordered < ordered.gather(1, k[:, None] - 1), -math.inf)
     probs = ordered.softmax(dim=-1)

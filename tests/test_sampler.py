@@ -116,7 +116,11 @@ def test_a_seeded_row_draws_the_same_tokens_in_any_batch(seeded):
     seeded rows with other settings (so other code paths: a sort for top-p) draw the same tokens."""
     sampler = Sampler()
     logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(0))
-    others = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_p=0.5), SamplingParams(top_k=3)]
+    others = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.5, top_p=0.5),
+        SamplingParams(top_k=3),
+    ]
     gen_alone, gen_batched, gen_other = (sampler.new_generator(s) for s in (5, 5, 9))
     alone, batched = [], []
     for step in range(6):
