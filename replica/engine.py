@@ -22,7 +22,7 @@ from replica.detokenizer import IncrementalDetokenizer
 from replica.kv_cache import BlockManager, KVCache
 from replica.loader import load_model
 from replica.metrics import EngineMetrics
-from replica.runner import ModelRunner
+from replica.runner import ModelRunner, SampledTokens
 from replica.sampling import InvalidRequest, SamplingParams
 from replica.scheduler import Scheduler
 from replica.sequence import RequestOutput, Sequence, Status
@@ -115,6 +115,7 @@ class EngineCore:
         )
         self.requests: dict[str, Sequence] = {}
         self.last_num_scheduled = 0
+        self._in_flight: SampledTokens | None = None  # the launched step whose tokens are not collected yet
         self._times: dict[str, tuple[float, float]] = {}  # request id -> (arrival, last token time)
 
     def _num_kv_blocks(self, max_len: int) -> int:
@@ -205,24 +206,50 @@ class EngineCore:
         return out
 
     def step(self) -> list[tuple[Sequence, RequestOutput | BaseException]]:
-        """One scheduling round and forward pass; what each touched request gets streamed."""
+        """Collect the step in flight's tokens, launch the next step, then (while the GPU runs it) turn
+        the collected tokens into text and outputs: what each touched request gets streamed."""
+        results: list[tuple[Sequence, RequestOutput | BaseException]] = []
+        sampled = self._collect(results)
         sched = self.scheduler.schedule()
         self.last_num_scheduled = len(sched.seqs)
-        results: list[tuple[Sequence, RequestOutput | BaseException]] = []
         for seq in sched.failed:
             self._finish(seq, "error")
             results.append((seq, seq.error or RuntimeError("adapter failed to load")))
-        if sched.empty:
-            return results
+        if not sched.empty:
+            try:
+                self._in_flight = self.runner.launch(sched)
+            except Exception as exc:  # a failed forward fails the step's requests; the engine lives on
+                for seq in sched.seqs:
+                    self._finish(seq, "error")
+                    results.append((seq, exc))
+        for seq in sampled:
+            if not seq.finished:  # else aborted, or its output went out when max_tokens ended it
+                seq.detokenize()
+                self._output(seq, results)
+        self.metrics.queue(
+            len(self.scheduler.waiting), len(self.scheduler.running), len(self.pool.resident())
+        )
+        return results
+
+    def _collect(self, results: list) -> list[Sequence]:
+        """Record the tokens of the step in flight (waiting for it). A stop token or max_tokens ends a
+        sequence here, before the next step is scheduled, so its blocks and slot are free for it."""
+        if self._in_flight is None:
+            return []
+        in_flight, self._in_flight = self._in_flight, None
         try:
-            sampled = self.runner.step(sched)
-        except Exception as exc:  # a failed forward fails the step's requests; the engine lives on
-            for seq in sched.seqs:
-                self._finish(seq, "error")
-                results.append((seq, exc))
-            return results
+            tokens = in_flight.result()
+        except Exception as exc:  # the step failed on the GPU: its requests fail, the engine lives on
+            for seq in in_flight.seqs:
+                if not seq.finished:
+                    self._finish(seq, "error")
+                    results.append((seq, exc))
+            return []
         now = time.perf_counter()
-        for seq, token in sampled:
+        sampled = []
+        for seq, token in tokens:
+            if seq.finished:  # aborted, or a stop string ended it while this step ran: the token is dropped
+                continue
             seq.append_token(token)
             arrival, last = self._times[seq.request_id]
             if last == 0.0:
@@ -230,14 +257,17 @@ class EngineCore:
             else:
                 self.metrics.inter_token_latency(now - last)
             self._times[seq.request_id] = (arrival, now)
-            out = seq.take_output()
-            if out.finished:
-                self._finish(seq, out.finish_reason or "stop")
-            results.append((seq, out))
-        self.metrics.queue(
-            len(self.scheduler.waiting), len(self.scheduler.running), len(self.pool.resident())
-        )
-        return results
+            if seq.finish_reason is not None:
+                seq.detokenize()  # a stop string in its last text still wins over max_tokens
+                self._output(seq, results)
+            sampled.append(seq)
+        return sampled
+
+    def _output(self, seq: Sequence, results: list) -> None:
+        out = seq.take_output()
+        if out.finished:
+            self._finish(seq, out.finish_reason or "stop")
+        results.append((seq, out))
 
     def _finish(self, seq: Sequence, status: str) -> None:
         if seq.status is not Status.FINISHED:
@@ -249,7 +279,7 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or self._in_flight is not None
 
     def stats(self) -> dict:
         return {

@@ -23,6 +23,21 @@ from replica.sequence import Sequence
 TOKEN, POSITION, CACHE_SLOT, CONTEXT_LEN, LORA_SLOT, BLOCKS = range(6)
 
 
+class SampledTokens:
+    """A launched step's sampled tokens on their way to the host."""
+
+    def __init__(self, seqs: list[Sequence], host: torch.Tensor | None, ready: torch.cuda.Event | None) -> None:
+        self.seqs = seqs
+        self._host = host
+        self._ready = ready
+
+    def result(self) -> list[tuple[Sequence, int]]:
+        """(sequence, its next token) for each sequence that sampled; waits for the step to finish."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return list(zip(self.seqs, self._host.tolist(), strict=True)) if self.seqs else []
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -45,6 +60,8 @@ class ModelRunner:
         self.kernel_backend = kernel_backend
         self.device = device
         self.sampler = Sampler(device)
+        # Where a step's sampled tokens land, copied without a wait (a step samples at most max_num_seqs).
+        self._sampled_host = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
         if attention_backend == "auto":
             attention_backend = "triton" if device.type == "cuda" else "torch"
         self.attention_backend = attention_backend
@@ -107,13 +124,20 @@ class ModelRunner:
                 rows.append(end - 1)
         return done, self.model.compute_logits(hidden[rows])
 
-    def step(self, step: SchedulerOutput) -> list[tuple[Sequence, int]]:
-        """Forward and sample: (sequence, its next token) for each sequence that samples."""
+    def launch(self, step: SchedulerOutput) -> SampledTokens:
+        """Forward and sample without waiting for the GPU: the tokens of the sequences that sample, to
+        be collected once the host has done its other work (only one step is in flight at a time)."""
         done, logits = self.forward(step)
         if not done:
-            return []
+            return SampledTokens([], None, None)
         tokens = self.sampler(logits, [s.params for s in done], [s.generator for s in done])
-        return list(zip(done, tokens, strict=True))
+        host = self._sampled_host[: len(done)]
+        host.copy_(tokens, non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return SampledTokens(done, host, ready)
 
     def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         n, bs, rows = len(seqs), self.block_size, self._decode_rows

@@ -81,12 +81,13 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-    ) -> list[int]:
-        """logits [B, vocab] on the sampler's device, any float dtype; one token id per row."""
+    ) -> torch.Tensor:
+        """logits [B, vocab] on the sampler's device, any float dtype; one token id per row, int64 on that
+        device (queued, not waited for)."""
         tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
-            return tokens.tolist()
+            return tokens
         picked = [params[i] for i in rows]
         vocab = logits.shape[-1]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in picked]
@@ -110,12 +111,12 @@ class Sampler:
                 race[row].exponential_(generator=generators[i])
         # argmax(softmax(x) / race) without the softmax; a draw of exactly 0 would make a masked -inf a NaN
         sampled = x.sub_(race.clamp_min_(torch.finfo(race.dtype).tiny).log_()).argmax(dim=-1)
-        return (sampled if every_row else tokens.index_copy_(0, index, sampled)).tolist()
+        return sampled if every_row else tokens.index_copy_(0, index, sampled)
 
     def _upload(self, columns: list[list[float]]) -> torch.Tensor:
         """Per-row values, one row of the result per column, on the device in one copy that does not
         wait: a copy from pageable memory would first wait for the whole step. The staging buffer is
-        free again by the next call, which comes after this one's tokens reached the host."""
+        free again by the next call: the runner waits for a step's tokens before it launches the next."""
         host = torch.tensor(columns, dtype=torch.float32)  # exact for row indices and k below 2**24
         if self.device.type != "cuda":
             return host

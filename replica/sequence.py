@@ -69,15 +69,21 @@ class Sequence:
         return self.status is Status.FINISHED
 
     def append_token(self, token: int) -> None:
-        """Record a sampled token and decide whether the sequence is done."""
+        """Record a sampled token; a stop token or max_tokens ends the sequence. Stop strings need the
+        text: detokenize() looks for them, after the next step is on its way."""
         self.output_ids.append(token)
         p = self.params
-        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        # A stop token ends the text as it is; otherwise the text grows and may hit a stop string.
-        if stop_token or self.detokenizer.update(self.output_ids):
-            self.finish_reason = "stop"
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            self.finish_reason = "stop"  # the text ends as it is, without the stop token's
         elif len(self.output_ids) >= p.max_tokens:
             self.finish_reason = "length"
+
+    def detokenize(self) -> None:
+        """Decode the tokens recorded since the last call; a stop string in the new text ends the
+        sequence (also one that max_tokens just ended: the text is cut before the stop string)."""
+        stop_token = self.finish_reason == "stop"
+        if self.detokenizer.update(self.output_ids[:-1] if stop_token else self.output_ids):
+            self.finish_reason = "stop"
 
     def take_output(self) -> RequestOutput:
         """The increment since the last output."""

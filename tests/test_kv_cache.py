@@ -121,6 +121,7 @@ def test_no_leaks_after_thousands_of_random_finishes_and_aborts(tiny, tmp_path_f
             max_tokens=rng.randint(1, 4),
             temperature=rng.choice([0, 1.0]),
             stop_token_ids=(rng.randrange(300),),
+            stop=rng.choice([(), ("e",), ("a", "o")]),  # found in the text while the next step is in flight
         )
         seq = core.make_sequence(
             [rng.randrange(1, 300) for _ in range(rng.randint(1, 12))], params, rng.choice(loras), f"r{i}"
