@@ -143,6 +143,8 @@ def one_torch_thread() -> Iterator[None]:
 
 def make_core(model_dir: Path, tmp_path: Path, **overrides: Any) -> EngineCore:
     """A CPU EngineCore over a test model, with its adapter cache under tmp_path and 256 KV blocks."""
-    cfg: dict[str, Any] = dict(model=str(model_dir), adapter_cache_dir=str(tmp_path / "cache"), num_kv_blocks=256)
+    cfg: dict[str, Any] = dict(
+        model=str(model_dir), adapter_cache_dir=str(tmp_path / "cache"), num_kv_blocks=256, device="cpu"
+    )
     cfg.update(overrides)
     return EngineCore(EngineConfig(**cfg))
