@@ -192,9 +192,10 @@ def test_affinity_when_light_and_spreading_when_hot(fleet):
         assert len({replica_of(c, adapter) for _ in range(5)}) == 1
     # ...while different adapters use different replicas.
     assert len({replica_of(c, a) for a in ACME}) >= 2
-    # A hot adapter: many at once spill past its first replica's load bound.
+    # A hot adapter: many at once spill past its first replica's load bound. Long enough that the
+    # first requests are still running when the last arrive (tiny-model steps take milliseconds).
     with concurrent.futures.ThreadPoolExecutor(24) as pool:
-        placed = Counter(pool.map(lambda _: replica_of(c, "acme-7", max_tokens=24), range(24)))
+        placed = Counter(pool.map(lambda _: replica_of(c, "acme-7", max_tokens=64), range(24)))
     assert len(placed) >= 2, placed
 
 
