@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -61,7 +60,7 @@ def _is_number(value: object) -> bool:
 
 class Sampler:
     """Picks one token per row, the whole batch at once on the logits' device: top-k and top-p as masks
-    (for top-p, a count per value of 16-bit logits, else one sort), then the exponential race (argmax of p / q with q ~ Exp(1) is a
+    (one sort where top-p asks for it), then the exponential race (argmax of p / q with q ~ Exp(1) is a
     draw from p: the trick vLLM samples with). A seeded request draws its q from its own generator, so it
     gets the same tokens whatever else is in the batch; unseeded rows share one generator. Nothing waits
     for the GPU before the final copy of the tokens: the host queues the sampling while the step runs."""
@@ -99,8 +98,9 @@ class Sampler:
         logits = logits if every_row else logits.index_select(0, index)
         x = logits / temperature[:, None]  # float32, in one kernel
         if min(top_p) < 1.0:
-            cut = _top_p_cut_16bit if logits.element_size() == 2 else _top_p_cut
-            x.masked_fill_(x < cut(logits, temperature, k.long(), p, top_k=min(top_k) < vocab), -math.inf)
+            x.masked_fill_(
+                x < _top_p_cut(logits, temperature, k.long(), p, top_k=min(top_k) < vocab), -math.inf
+            )
         elif min(top_k) < vocab:  # top-k alone needs no sort: the k-th largest value is the cut
             x.masked_fill_(x < x.topk(max(top_k), dim=-1).values.gather(1, k.long()[:, None] - 1), -math.inf)
         race = torch.empty_like(x)
@@ -132,51 +132,13 @@ def _top_p_cut(
 ) -> torch.Tensor:
     """Per row [B, 1], the smallest value of logits / temperature that top-k (the k-th largest value) and
     then top-p (the smallest set of most likely tokens whose mass reaches p; the most likely token always
-    stays) keep; tokens equal to it stay too, so ties never depend on the batch. One sort of the raw
-    logits (dividing by the temperature keeps their order); 16-bit logits take _top_p_cut_16bit."""
+    stays) keep; tokens equal to it stay too, so ties never depend on the batch. One sort, of the raw
+    logits (16-bit keys sort faster, and dividing by the temperature keeps their order)."""
     ordered = logits.sort(dim=-1, descending=True).values / temperature[:, None]
     if top_k:
         ordered.masked_fill_(ordered < ordered.gather(1, k[:, None] - 1), -math.inf)
     probs = ordered.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1).sub_(probs)
     # rows without top-p keep what top-k kept, whatever the rounding of their cumulative mass
-    kept = torch.where(p < 1.0, (mass_before < p[:, None]).sum(dim=-1), (ordered > -math.inf).sum(dim=-1))
+    kept = torch.where(p < 1.0, (mass_before < p[:, None]).sum(dim=-1), (probs > 0).sum(dim=-1))
     return ordered.gather(1, kept[:, None] - 1)
-
-
-def _top_p_cut_16bit(
-    logits: torch.Tensor, temperature: torch.Tensor, k: torch.Tensor, p: torch.Tensor, *, top_k: bool
-) -> torch.Tensor:
-    """_top_p_cut for bf16/fp16 logits without a sort: such a logit takes one of 65,536 values, so one
-    scatter-add of each row's tokens into a count per bit pattern, read from the largest value down,
-    gives what the sorted row would (a value's tokens are ties, and ties stay together in both)."""
-    values, patterns = _descending_16bit_values(logits.dtype, logits.device)
-    counts = torch.zeros(logits.shape[0], 65536, device=logits.device)  # float32: exact below 2**24 tokens
-    bins = logits.view(torch.int16).long().bitwise_and_(0xFFFF)
-    counts = counts.scatter_add_(1, bins, counts.new_ones(1).expand(bins.shape)).index_select(1, patterns)
-    scaled = values / temperature[:, None]
-    present = counts > 0
-    keep = present & (_cumsum_65536(counts).sub_(counts) < k[:, None]) if top_k else present
-    top = scaled.masked_fill(~present, -math.inf).amax(dim=-1, keepdim=True)
-    mass = torch.where(keep, counts * (scaled - top).exp_(), 0.0)  # not 0 * inf where +inf is absent
-    mass_before = _cumsum_65536(mass).sub_(mass)
-    keep &= (mass_before < p[:, None] * mass.sum(dim=-1, keepdim=True)) | (p[:, None] >= 1.0)
-    return scaled.masked_fill(~keep, math.inf).amin(dim=-1, keepdim=True)
-
-
-def _cumsum_65536(t: torch.Tensor) -> torch.Tensor:
-    """cumsum over the last dimension of [B, 65536], as runs of 256 plus their offsets: torch's scan over
-    long rows is several times slower than over many short ones."""
-    runs = t.view(t.shape[0], 256, 256).cumsum(dim=-1)
-    offsets = runs[:, :, -1].cumsum(dim=-1).sub_(runs[:, :, -1])
-    return runs.add_(offsets[:, :, None]).view_as(t)
-
-
-@functools.cache
-def _descending_16bit_values(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 65,536 values of a 16-bit float from the largest down, as float32 (NaNs as -inf: never
-    present), and the bit pattern (as an unsigned index) of each."""
-    patterns = torch.arange(65536, dtype=torch.int32)
-    values = patterns.to(torch.int16).view(dtype).float().nan_to_num_(nan=-math.inf)
-    order = values.argsort(descending=True, stable=True)  # stable: -0 and +0, equal, keep a fixed order
-    return values[order].to(device), order.to(device)

@@ -8,7 +8,7 @@ import torch
 
 from replica import EngineConfig, EngineCore, InvalidRequest, SamplingParams
 from replica.detokenizer import IncrementalDetokenizer
-from replica.sampling import Sampler, _top_p_cut, _top_p_cut_16bit
+from replica.sampling import Sampler
 from replica.testing import make_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,26 +104,6 @@ def test_sampled_frequencies_follow_the_kept_distribution(params, kept):
         tokens = sampler(row.repeat(n, 1), [params] * n, gens)
         freq = torch.bincount(tokens, minlength=5).float() / n
         assert (freq - expected).abs().max() < 0.02, (params, freq, expected)  # 5 sigma at n = 20000
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_top_p_cut_without_a_sort_equals_the_sorted_one(dtype):
-    """The histogram cut for 16-bit logits (the GPU's) keeps exactly the tokens that the sort keeps,
-    ties (also -0 and +0) and rows without top-k or top-p included."""
-    g = torch.Generator().manual_seed(0)
-    for trial in range(40):
-        logits = (torch.randn(6, 3000, generator=g) * (0.1 + 6 * trial / 40)).to(dtype)
-        logits[0, :5] = logits[0, 5]
-        logits[1, :3], logits[1, 3:6] = 0.0, -0.0
-        temperature = torch.rand(6, generator=g) + 0.2
-        k = torch.randint(1, 60, (6,), generator=g)
-        k[1] = 3000
-        p = torch.rand(6, generator=g) * 0.98 + 0.01
-        p[2] = 1.0
-        x = logits / temperature[:, None]
-        for top_k in (True, False):
-            sorted_cut = _top_p_cut(logits, temperature, k, p, top_k=top_k)
-            assert torch.equal(x < sorted_cut, x < _top_p_cut_16bit(logits, temperature, k, p, top_k=top_k))
 
 
 @pytest.mark.parametrize(
