@@ -222,7 +222,8 @@ class EngineCore:
                 for seq in sched.seqs:
                     self._finish(seq, "error")
                     results.append((seq, exc))
-        for seq in sampled:
+        for seq, first, seconds in sampled:
+            (self.metrics.time_to_first_token if first else self.metrics.inter_token_latency)(seconds)
             if not seq.finished:  # else aborted, or its output went out when max_tokens ended it
                 seq.detokenize()
                 self._output(seq, results)
@@ -231,9 +232,11 @@ class EngineCore:
         )
         return results
 
-    def _collect(self, results: list) -> list[Sequence]:
+    def _collect(self, results: list) -> list[tuple[Sequence, bool, float]]:
         """Record the tokens of the step in flight (waiting for it). A stop token or max_tokens ends a
-        sequence here, before the next step is scheduled, so its blocks and slot are free for it."""
+        sequence here, before the next step is scheduled, so its blocks and slot are free for it.
+        Returns (sequence, first token?, seconds since arrival or its last token) for the metrics,
+        which the caller records once the next step is launched."""
         if self._in_flight is None:
             return []
         in_flight, self._in_flight = self._in_flight, None
@@ -252,15 +255,11 @@ class EngineCore:
                 continue
             seq.append_token(token)
             arrival, last = self._times[seq.request_id]
-            if last == 0.0:
-                self.metrics.time_to_first_token(now - arrival)
-            else:
-                self.metrics.inter_token_latency(now - last)
             self._times[seq.request_id] = (arrival, now)
             if seq.finish_reason is not None:
                 seq.detokenize()  # a stop string in its last text still wins over max_tokens
                 self._output(seq, results)
-            sampled.append(seq)
+            sampled.append((seq, last == 0.0, now - (last or arrival)))
         return sampled
 
     def _output(self, seq: Sequence, results: list) -> None:
