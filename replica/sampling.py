@@ -84,10 +84,9 @@ class Sampler:
     ) -> torch.Tensor:
         """logits [B, vocab] on the sampler's device, any float dtype; one token id per row, int64 on that
         device (queued, not waited for)."""
-        tokens = logits.argmax(dim=-1)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
-            return tokens
+            return logits.argmax(dim=-1)
         picked = [params[i] for i in rows]
         vocab = logits.shape[-1]
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in picked]
@@ -95,11 +94,11 @@ class Sampler:
         index, temperature, k, p = self._upload([rows, [p.temperature for p in picked], top_k, top_p])
         index = index.long()
         every_row = len(rows) == len(params)
-        logits = logits if every_row else logits.index_select(0, index)
-        x = logits / temperature[:, None]  # float32, in one kernel
+        picked_logits = logits if every_row else logits.index_select(0, index)
+        x = picked_logits / temperature[:, None]  # float32, in one kernel
         if min(top_p) < 1.0:
             x.masked_fill_(
-                x < _top_p_cut(logits, temperature, k.long(), p, top_k=min(top_k) < vocab), -math.inf
+                x < _top_p_cut(picked_logits, temperature, k.long(), p, top_k=min(top_k) < vocab), -math.inf
             )
         elif min(top_k) < vocab:  # top-k alone needs no sort: the k-th largest value is the cut
             x.masked_fill_(x < x.topk(max(top_k), dim=-1).values.gather(1, k.long()[:, None] - 1), -math.inf)
@@ -111,7 +110,8 @@ class Sampler:
                 race[row].exponential_(generator=generators[i])
         # argmax(softmax(x) / race) without the softmax; a draw of exactly 0 would make a masked -inf a NaN
         sampled = x.sub_(race.clamp_min_(torch.finfo(race.dtype).tiny).log_()).argmax(dim=-1)
-        return sampled if every_row else tokens.index_copy_(0, index, sampled)
+        # greedy rows keep their argmax, computed only when there are some
+        return sampled if every_row else logits.argmax(dim=-1).index_copy_(0, index, sampled)
 
     def _upload(self, columns: list[list[float]]) -> torch.Tensor:
         """Per-row values, one row of the result per column, on the device in one copy that does not
