@@ -41,11 +41,15 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
     ext = _checked_extension(x, lora_a[0].shape[1])
     x, lora_a, lora_b = _unit_stride(x), [_unit_stride(a) for a in lora_a], [_unit_stride(b) for b in lora_b]
     table = launch.slice_table(lora_a, lora_b, offsets)
-    blocks = meta.blocks(ext.block_rows(lora_a[0].shape[1]))
-    (t, k), vec = x.shape, 16 // x.element_size()
-    splits, per_split = launch.split_k(k, 32 * vec, blocks.shape[0] * len(lora_a), x.device)
+    (t, k), vec_len = x.shape, 16 // x.element_size()
+    vec = k % vec_len == 0 and launch.vector_aligned(x, *lora_a)
+    tensor_cores = vec and _tensor_cores(x, meta)
+    blocks = meta.blocks(ext.block_rows(lora_a[0].shape[1], tensor_cores))
+    # the tensor-core kernel stages `in` 64 at a time; the other reads a warp's 32 vectors per step
+    splits, per_split = launch.split_k(k, 64 if tensor_cores else 32 * vec_len, blocks.shape[0] * len(lora_a),
+                                       x.device)
     buf = torch.empty(splits, len(lora_a), t, lora_a[0].shape[1], dtype=torch.float32, device=x.device)
-    ext.shrink(x, table, blocks, meta.sorted_rows, ranks, buf, per_split, k % vec == 0 and launch.vector_aligned(x, *lora_a))
+    ext.shrink(x, table, blocks, meta.sorted_rows, ranks, buf, per_split, vec, tensor_cores)
     return buf
 
 
@@ -56,11 +60,12 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
     ext = _checked_extension(y, max_rank)
     lora_a, lora_b = [_unit_stride(a) for a in lora_a], [_unit_stride(b) for b in lora_b]
     table = launch.slice_table(lora_a, lora_b, offsets)
-    blocks = meta.blocks(ext.block_rows(max_rank))
+    vec = max_rank % (16 // y.element_size()) == 0 and launch.vector_aligned(*lora_b)
+    tensor_cores = vec and _tensor_cores(y, meta)
+    blocks = meta.blocks(ext.block_rows(max_rank, tensor_cores))
     out = y if y.stride(1) == 1 else y.contiguous()
-    vec = 16 // y.element_size()
-    ext.expand(out, buf, table, blocks, meta.sorted_rows, ranks, scalings, max(b.shape[1] for b in lora_b),
-               max_rank % vec == 0 and launch.vector_aligned(*lora_b))
+    ext.expand(out, buf, table, blocks, meta.sorted_rows, ranks, scalings, max(b.shape[1] for b in lora_b), vec,
+               tensor_cores)
     if out is not y:
         y.copy_(out)
 
@@ -79,6 +84,12 @@ def _checked_extension(t: torch.Tensor, max_rank: int) -> ModuleType:
     if max_rank > 128:
         raise ValueError(f"lora_a: the cuda backend supports max_rank <= 128, got {max_rank}")
     return ext
+
+
+def _tensor_cores(t: torch.Tensor, meta: LoRAMeta) -> bool:
+    """The WMMA kernels: prefill batches of 16-bit rows on sm_80 and later."""
+    return (launch.prefill_tiles(t.shape[0], meta.max_adapters) and t.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(t.device)[0] >= 8)
 
 
 # The kernels read rows as contiguous runs; other layouts are copied (rare: engine buffers are contiguous).

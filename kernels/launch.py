@@ -9,6 +9,19 @@ from collections.abc import Sequence
 
 import torch
 
+# Prefill: batches of more rows than this, at least PREFILL_ROWS_PER_ADAPTER per adapter on average. The
+# backends' tile kernels take them (tiles of rows through tensor cores); with fewer rows per slot their
+# per-row kernels win (H100, T=1024 rows in random order: triton_bgmv's tiles were 2-3x slower over 1024
+# adapters and 1.6-2.7x over 32; over 8 they were 1.2-1.7x faster on three of four shapes).
+PREFILL_ROWS_ABOVE = 256
+PREFILL_ROWS_PER_ADAPTER = 64
+
+
+def prefill_tiles(rows: int, adapters: int) -> bool:
+    """Whether a batch of `rows` rows over at most `adapters` distinct adapters takes the tile kernels."""
+    return rows > PREFILL_ROWS_ABOVE and rows >= PREFILL_ROWS_PER_ADAPTER * adapters
+
+
 # Columns of the slice table, one row per slice: where its A and B stacks live and how they are laid out.
 A_PTR, A_S0, A_S1, A_S2, B_PTR, B_S0, B_S1, B_S2, OUT, OFFSET = range(10)
 TABLE_COLS = 10

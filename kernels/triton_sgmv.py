@@ -58,7 +58,7 @@ def vector_bounds(slice_row, rank, dtype, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_hi, K,
+def shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_hi, K,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_R]: x[rows, k_lo:k_hi] @ A[slot, :rank, k_lo:k_hi].T"""
@@ -79,7 +79,7 @@ def _shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_h
 
 
 @triton.jit
-def _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, BLOCK_R: tl.constexpr,
+def expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, BLOCK_R: tl.constexpr,
                  ALIGNED: tl.constexpr):
     """B[slot, offs_n, :rank] transposed, and the y tile it adds into (pointers, mask). Loaded before the
     rank vectors are summed, so these HBM reads overlap that work."""
@@ -95,7 +95,27 @@ def _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, B
 
 
 @triton.jit
-def _expand_store(t, bt, y_tile, mask, y_old, DOT_PRECISION: tl.constexpr):
+def store_partials(buf_ptr, acc, split, j, T, R, rows, m_mask, BLOCK_R: tl.constexpr):
+    """The shrink's fp32 [BLOCK_M, BLOCK_R] tile of these rows into buf[split, j] ([splits, slices, T, R])."""
+    offs_r = tl.arange(0, BLOCK_R)
+    out = buf_ptr + ((split * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
+    tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < R))
+
+
+@triton.jit
+def sum_partials(buf_ptr, j, T, R, rows, m_mask, rank, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_R]: the shrink's partial sums of slice j for these rows, added over its splits."""
+    offs_r = tl.arange(0, BLOCK_R)
+    t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):  # unrolled: the partials' loads are all in flight at once
+        part = buf_ptr + ((s * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
+        t += tl.load(part, mask=m_mask[:, None] & (offs_r[None, :] < rank), other=0.0)
+    return t
+
+
+@triton.jit
+def expand_store(t, bt, y_tile, mask, y_old, DOT_PRECISION: tl.constexpr):
     """y tile += t @ bt, t already scaled."""
     acc = tl.dot(t.to(bt.dtype), bt, input_precision=DOT_PRECISION)
     tl.store(y_tile, (y_old.to(tl.float32) + acc).to(y_old.dtype), mask=mask)
@@ -114,11 +134,9 @@ def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr,
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     k_lo = pid_k * k_per_split
-    acc = _shrink_tile(x_ptr, sx0, sx1, table_ptr + j * 10, slot, rows, m_mask, rank, k_lo,
+    acc = shrink_tile(x_ptr, sx0, sx1, table_ptr + j * 10, slot, rows, m_mask, rank, k_lo,
                        tl.minimum(k_lo + k_per_split, K), K, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K, ALIGNED)
-    offs_r = tl.arange(0, BLOCK_R)
-    out = buf_ptr + ((pid_k * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
-    tl.store(out, acc, mask=m_mask[:, None] & (offs_r[None, :] < R))
+    store_partials(buf_ptr, acc, pid_k, j, T, R, rows, m_mask, BLOCK_R)
 
 
 @triton.jit
@@ -133,7 +151,7 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
     if (slot < 0) | (pid_n * BLOCK_N >= n_out):
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
-    bt, y_tile, mask = _expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
+    bt, y_tile, mask = expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
                                     pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_R, ALIGNED)
     if PDL:  # B and y (written before the shrink started) are loaded; the partials need the shrink done
         y_old = tl.load(y_tile, mask=mask, other=0.0)
@@ -142,12 +160,8 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
         tl.extra.cuda.gdc_wait()
     if not PDL:
         y_old = tl.load(y_tile, mask=mask, other=0.0)
-    offs_r = tl.arange(0, BLOCK_R)
-    t = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):  # unrolled: the partials' loads are all in flight at once
-        part = buf_ptr + ((s * tl.num_programs(2) + j) * T + rows[:, None]) * R + offs_r[None, :]
-        t += tl.load(part, mask=m_mask[:, None] & (offs_r[None, :] < rank), other=0.0)
-    _expand_store(t * tl.load(scalings_ptr + slot), bt, y_tile, mask, y_old, DOT_PRECISION)
+    t = sum_partials(buf_ptr, j, T, R, rows, m_mask, rank, SPLITS, BLOCK_M, BLOCK_R)
+    expand_store(t * tl.load(scalings_ptr + slot), bt, y_tile, mask, y_old, DOT_PRECISION)
 
 
 class Plan:
@@ -211,7 +225,7 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
     _sgmv_shrink_kernel[(plan.blocks.shape[0], plan.splits, num_slices)](
         x, x.stride(0), x.stride(1), table, plan.blocks, meta.sorted_rows, ranks if ranks is not None else table,
         buf, t, plan.k, plan.max_rank, plan.k_per_split, HAS_RANKS=ranks is not None,
-        DOT_PRECISION=_precision(x), BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k,
+        DOT_PRECISION=dot_precision(x), BLOCK_M=plan.block_m, BLOCK_R=plan.block_r, BLOCK_K=plan.block_k,
         PDL=plan.pdl, ALIGNED=plan.aligned, num_warps=plan.shrink_warps, num_stages=plan.num_stages)
     return buf
 
@@ -225,7 +239,7 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
     _sgmv_expand_kernel[(plan.blocks.shape[0], triton.cdiv(plan.max_out, plan.block_n), num_slices)](
         y, y.stride(0), y.stride(1), buf, table, plan.blocks, meta.sorted_rows,
         ranks if ranks is not None else table, scalings, t, max_rank, SPLITS=splits, HAS_RANKS=ranks is not None,
-        DOT_PRECISION=_precision(y), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r,
+        DOT_PRECISION=dot_precision(y), BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_R=plan.block_r,
         PDL=plan.pdl, AFTER_GEMM=plan.after_gemm, ALIGNED=plan.aligned, launch_pdl=plan.pdl or plan.after_gemm,
         num_warps=plan.expand_warps,
         num_stages=plan.num_stages)
@@ -248,5 +262,5 @@ def add_lora_sgmv_pdl(y: torch.Tensor, x: torch.Tensor, lora_a: Sequence[torch.T
     add_lora_sgmv(y, x, lora_a, lora_b, slot_ids, scalings, ranks, meta, offsets, pdl=True)
 
 
-def _precision(t: torch.Tensor) -> str:
+def dot_precision(t: torch.Tensor) -> str:
     return "ieee" if t.dtype == torch.float32 else "tf32"

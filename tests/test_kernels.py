@@ -176,6 +176,44 @@ def test_empty_batch_is_a_no_op(backend: str) -> None:
     assert y.shape == (0, 16)
 
 
+PREFILL_BACKENDS = ("triton_bgmv", *(("cuda",) if ON_GPU else ()))  # their kernels change at prefill sizes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", PREFILL_BACKENDS)
+def test_prefill_kernels_on_every_case(backend: str, case: str, dtype: torch.dtype,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels for prefill-sized batches (tiles of consecutive rows through tensor cores), driven on
+    every case by lowering the size where they take over; triton_bgmv with tiles of 8 rows. The reduction
+    is split among programs as on a GPU."""
+    from kernels import launch, triton_bgmv
+
+    monkeypatch.setattr(launch, "PREFILL_ROWS_ABOVE", 0)
+    monkeypatch.setattr(launch, "PREFILL_ROWS_PER_ADAPTER", 0)
+    monkeypatch.setattr(triton_bgmv, "TILE_M", 8)
+    monkeypatch.setattr(launch, "num_programs_target", lambda device, per_sm=4: 512)
+    t, d_in, outs, slots, rank, slot_ids, ranks = CASES[case]
+    c = make_case(t, d_in + 200, outs, slots, rank, dtype, slot_ids, ranks, seed=t, device=DEVICE)
+    assert_matches_reference(c, backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("max_rank", [16, 64])
+@pytest.mark.parametrize("backend", PREFILL_BACKENDS)
+def test_prefill_batch_of_request_runs(backend: str, max_rank: int, dtype: torch.dtype) -> None:
+    """A prefill-sized batch: requests' tokens in runs of one slot, runs that straddle tiles, rows without
+    adapter, one stretch where every row has its own slot, and mixed ranks."""
+    from kernels import launch
+
+    runs = [(2, 70), (-1, 20), (0, 100), (3, 5)] + [(s % 4, 1) for s in range(30)] + [(1, 90)]
+    slot_ids = [s for s, n in runs for _ in range(n)]
+    assert launch.prefill_tiles(len(slot_ids), 4)
+    c = make_case(len(slot_ids), 40, (24, 136), num_slots=4, max_rank=max_rank, dtype=dtype, slot_ids=slot_ids,
+                  ranks=[max_rank, 4, max_rank - 7, 1], seed=5, device=DEVICE)
+    assert_matches_reference(c, backend)
+
+
 def test_large_segment_spans_many_blocks() -> None:
     c = make_case(150, 32, (24,), num_slots=2, max_rank=16, dtype=torch.float32,
                   slot_ids=[1] * 140 + [0] * 5 + [-1] * 5, device=DEVICE)

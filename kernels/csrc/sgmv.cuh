@@ -2,15 +2,21 @@
 // backend (kernels/meta.py, kernels/launch.py), so both read the same inputs and produce the same buf.
 //   shrink: buf[split, slice, row, r] = sum over this split's k of x[row, k] * A_slice[slot, r, k]
 //   expand: y[row, offset_slice + n] += scaling[slot] * sum_r (sum_split buf[...]) * B_slice[slot, n, r]
-// One CTA per (block of rows of one segment, split of `in` | tile of `out`, slice). CUDA-core FMAs with
-// 16-byte loads: at serving sizes the work is bound by moving weights and activations, not by math.
+// One CTA per (block of rows of one segment, split of `in` | tile of `out`, slice). Decode: CUDA-core FMAs
+// with 16-byte loads, since with a few rows per slot the work is bound by moving weights, not by math.
+// Prefill (16-bit, sm_80+): blocks of kTcRows rows through tensor cores (WMMA); CUDA-core FMAs there left
+// every weight tile multiplied once per row (H100, one adapter, rank 64, T=4096: 1.3-1.7x slower than a
+// per-adapter loop of two cuBLAS GEMMs).
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 
 #include <type_traits>
 
@@ -163,6 +169,184 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(
 }
 
 
+// --- tensor cores (prefill) -------------------------------------------------------------------------------
+// Tiles are staged in shared memory (rows gathered through sorted_rows), then each warp owns some 16x16
+// output fragments; the fp32 results go back through shared memory (aliasing the operand tiles) to be
+// scattered to their rows.
+
+template <typename T> struct Wmma;  // the CUDA type of a 16-bit element
+template <> struct Wmma<c10::BFloat16> { using type = __nv_bfloat16; };
+template <> struct Wmma<c10::Half> { using type = __half; };
+
+constexpr int kTcK = 64;     // shrink: `in` per staged tile
+constexpr int kTcPad = 8;    // 16 bytes of padding per shared row: fewer bank conflicts, ldm a multiple of 8
+constexpr int kVec16 = 8;    // 16-bit elements per 16-byte vector
+
+// The expand's columns per CTA: its shared tiles stay within 48 KB.
+__host__ __device__ constexpr int tc_expand_cols(int rp) { return rp == 128 ? 64 : 128; }
+
+// The tile t[rows][cols] <- src[row r][col c] (row stride ld, unit column stride), 16-byte vectors, zero
+// where the row is past `rows_valid` or the column at or past `cols_valid`.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void stage(T (*t)[COLS + kTcPad], const T* src, int64_t ld, const int* row_index,
+                                      int rows_valid, int cols_valid) {
+  for (int v = threadIdx.x; v < ROWS * COLS / kVec16; v += kThreads) {
+    const int r = v / (COLS / kVec16), c = v % (COLS / kVec16) * kVec16;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (r < rows_valid && c < cols_valid)
+      raw = __ldg(reinterpret_cast<const uint4*>(src + (row_index ? row_index[r] : r) * ld + c));
+    *reinterpret_cast<uint4*>(&t[r][c]) = raw;
+  }
+}
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) shrink_tc_kernel(
+    const T* __restrict__ x, int64_t sx0, const int64_t* __restrict__ table, const int* __restrict__ blocks,
+    const int* __restrict__ sorted_rows, const int* __restrict__ ranks, float* __restrict__ buf,
+    int num_rows, int K, int R, int k_per_split) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using WT = typename Wmma<T>::type;
+  constexpr int BM = kTcRows, FM = BM / 16, FR = RP / 16, FRAGS = (FM * FR + kWarps - 1) / kWarps;
+  struct Operands { T x[BM][kTcK + kTcPad]; T a[RP][kTcK + kTcPad]; };
+  struct Result { float c[BM][RP + 4]; };
+  __shared__ __align__(128) unsigned char smem[sizeof(Operands) > sizeof(Result) ? sizeof(Operands) : sizeof(Result)];
+  __shared__ int rows[BM];
+  auto& op = *reinterpret_cast<Operands*>(smem);
+  auto& res = *reinterpret_cast<Result*>(smem);
+
+  const int slot = blocks[3 * blockIdx.x];
+  if (slot < 0) return;
+  const int first = blocks[3 * blockIdx.x + 1];
+  const int n = blocks[3 * blockIdx.x + 2] - first;
+  const int split = blockIdx.y, j = blockIdx.z, warp = threadIdx.x / 32;
+  const int64_t* slice = table + j * kTableCols;
+  const T* a = reinterpret_cast<const T*>(slice[0]) + slot * slice[1];
+  const int rank = ranks != nullptr ? ranks[slot] : R;
+  if (threadIdx.x < BM) rows[threadIdx.x] = threadIdx.x < n ? sorted_rows[first + threadIdx.x] : 0;
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FRAGS];
+#pragma unroll
+  for (int f = 0; f < FRAGS; ++f) wmma::fill_fragment(acc[f], 0.f);
+  const int k0 = split * k_per_split, k1 = min(K, k0 + k_per_split);
+  for (int k = k0; k < k1; k += kTcK) {
+    __syncthreads();  // rows written; the previous tile consumed
+    stage<T, BM, kTcK>(op.x, x + k, sx0, rows, n, k1 - k);
+    stage<T, RP, kTcK>(op.a, a + k, slice[2], nullptr, rank, k1 - k);
+    __syncthreads();
+#pragma unroll
+    for (int f = 0; f < FRAGS; ++f) {
+      const int id = warp + f * kWarps;
+      if (id < FM * FR) {
+        const int fm = id / FR, fr = id % FR;
+#pragma unroll
+        for (int kk = 0; kk < kTcK; kk += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> xf;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> af;  // A^T: (k, r) at a[r][k]
+          wmma::load_matrix_sync(xf, reinterpret_cast<const WT*>(&op.x[fm * 16][kk]), kTcK + kTcPad);
+          wmma::load_matrix_sync(af, reinterpret_cast<const WT*>(&op.a[fr * 16][kk]), kTcK + kTcPad);
+          wmma::mma_sync(acc[f], xf, af, acc[f]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // the operand tiles are done with: the result takes their place
+#pragma unroll
+  for (int f = 0; f < FRAGS; ++f) {
+    const int id = warp + f * kWarps;
+    if (id < FM * FR)
+      wmma::store_matrix_sync(&res.c[id / FR * 16][id % FR * 16], acc[f], RP + 4, wmma::mem_row_major);
+  }
+  __syncthreads();
+  float* out = buf + (static_cast<int64_t>(split) * gridDim.z + j) * num_rows * R;
+  for (int idx = threadIdx.x; idx < n * R; idx += kThreads) {
+    const int m = idx / R, r = idx % R;
+    out[static_cast<int64_t>(rows[m]) * R + r] = res.c[m][r];
+  }
+#else
+  __trap();  // the host sends only sm_80+ here
+#endif
+}
+
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) expand_tc_kernel(
+    T* __restrict__ y, int64_t sy0, const float* __restrict__ buf, const int64_t* __restrict__ table,
+    const int* __restrict__ blocks, const int* __restrict__ sorted_rows, const int* __restrict__ ranks,
+    const float* __restrict__ scalings, int num_rows, int R, int splits) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using WT = typename Wmma<T>::type;
+  constexpr int BM = kTcRows, BN = tc_expand_cols(RP), FM = BM / 16, FN = BN / 16;
+  constexpr int FRAGS = FM * FN / kWarps;
+  struct Operands { T t[BM][RP + kTcPad]; T b[BN][RP + kTcPad]; };
+  struct Result { float c[BM][BN + 4]; };
+  __shared__ __align__(128) unsigned char smem[sizeof(Operands) > sizeof(Result) ? sizeof(Operands) : sizeof(Result)];
+  __shared__ int rows[BM];
+  auto& op = *reinterpret_cast<Operands*>(smem);
+  auto& res = *reinterpret_cast<Result*>(smem);
+
+  const int slot = blocks[3 * blockIdx.x];
+  const int j = blockIdx.z;
+  const int64_t* slice = table + j * kTableCols;
+  const int64_t n_out = slice[8];
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * BN;
+  if (slot < 0 || col0 >= n_out) return;
+  const int first = blocks[3 * blockIdx.x + 1];
+  const int n = blocks[3 * blockIdx.x + 2] - first;
+  const int rank = ranks != nullptr ? ranks[slot] : R;
+  const float scale = scalings[slot];
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x < BM) rows[threadIdx.x] = threadIdx.x < n ? sorted_rows[first + threadIdx.x] : 0;
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < BM * RP; idx += kThreads) {  // the rows' rank vectors, scaled, rounded
+    const int m = idx / RP, r = idx % RP;
+    float v = 0.f;
+    if (m < n && r < rank) {
+      for (int s = 0; s < splits; ++s)
+        v += buf[((static_cast<int64_t>(s) * gridDim.z + j) * num_rows + rows[m]) * R + r];
+    }
+    op.t[m][r] = static_cast<T>(v * scale);
+  }
+  const T* b = reinterpret_cast<const T*>(slice[4]) + slot * slice[5] + col0 * slice[6];
+  const int cols = static_cast<int>(n_out - col0 < BN ? n_out - col0 : BN);
+  stage<T, BN, RP>(op.b, b, slice[6], nullptr, cols, rank);
+  __syncthreads();
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FRAGS];
+#pragma unroll
+  for (int f = 0; f < FRAGS; ++f) {
+    const int id = warp + f * kWarps, fm = id / FN, fn = id % FN;
+    wmma::fill_fragment(acc[f], 0.f);
+#pragma unroll
+    for (int kk = 0; kk < RP; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> tf;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> bf;  // B^T: (r, c) at b[c][r]
+      wmma::load_matrix_sync(tf, reinterpret_cast<const WT*>(&op.t[fm * 16][kk]), RP + kTcPad);
+      wmma::load_matrix_sync(bf, reinterpret_cast<const WT*>(&op.b[fn * 16][kk]), RP + kTcPad);
+      wmma::mma_sync(acc[f], tf, bf, acc[f]);
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int f = 0; f < FRAGS; ++f) {
+    const int id = warp + f * kWarps;
+    wmma::store_matrix_sync(&res.c[id / FN * 16][id % FN * 16], acc[f], BN + 4, wmma::mem_row_major);
+  }
+  __syncthreads();
+  T* y_tile = y + slice[9] + col0;
+  for (int idx = threadIdx.x; idx < n * BN; idx += kThreads) {
+    const int m = idx / BN, c = idx % BN;
+    if (c < cols) {
+      T* p = y_tile + rows[m] * sy0 + c;
+      *p = static_cast<T>(static_cast<float>(*p) + res.c[m][c]);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
 // Calls f(integral_constant<BM>, integral_constant<RP>) for the padded rank (16, 32, 64 or 128).
 template <typename F>
 void with_rank(int rp, F&& f) {
@@ -175,10 +359,32 @@ void with_rank(int rp, F&& f) {
   }
 }
 
+// Calls f(integral_constant<RP>) for the padded rank.
+template <typename F>
+void with_padded_rank(int rp, F&& f) {
+  using std::integral_constant;
+  switch (rp) {
+    case 16: f(integral_constant<int, 16>{}); break;
+    case 32: f(integral_constant<int, 32>{}); break;
+    case 64: f(integral_constant<int, 64>{}); break;
+    default: f(integral_constant<int, 128>{}); break;
+  }
+}
+
 template <typename T>
 void launch_shrink(const Batch& b, const T* x, int64_t sx0, int K, float* buf, int splits, int k_per_split) {
   const dim3 grid(b.num_blocks, splits, b.num_slices);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if constexpr (sizeof(T) == 2) {
+    if (b.tensor_cores) {
+      with_padded_rank(rank_pad(b.max_rank), [&](auto rp) {
+        shrink_tc_kernel<T, decltype(rp)::value><<<grid, kThreads, 0, stream>>>(
+            x, sx0, b.table, b.blocks, b.sorted_rows, b.ranks, buf, b.num_rows, K, b.max_rank, k_per_split);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   with_rank(rank_pad(b.max_rank), [&](auto bm, auto rp) {
     constexpr int kBM = decltype(bm)::value, kRW = decltype(rp)::value / kWarps;
     constexpr int kVec = 16 / sizeof(T);
@@ -195,8 +401,20 @@ void launch_shrink(const Batch& b, const T* x, int64_t sx0, int K, float* buf, i
 template <typename T>
 void launch_expand(const Batch& b, T* y, int64_t sy0, const float* buf, int splits, const float* scalings,
                    int64_t max_out) {
-  const dim3 grid(b.num_blocks, (max_out + kThreads - 1) / kThreads, b.num_slices);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if constexpr (sizeof(T) == 2) {
+    if (b.tensor_cores) {
+      with_padded_rank(rank_pad(b.max_rank), [&](auto rp) {
+        constexpr int kRP = decltype(rp)::value, kBN = tc_expand_cols(kRP);
+        const dim3 grid(b.num_blocks, (max_out + kBN - 1) / kBN, b.num_slices);
+        expand_tc_kernel<T, kRP><<<grid, kThreads, 0, stream>>>(
+            y, sy0, buf, b.table, b.blocks, b.sorted_rows, b.ranks, scalings, b.num_rows, b.max_rank, splits);
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  const dim3 grid(b.num_blocks, (max_out + kThreads - 1) / kThreads, b.num_slices);
   with_rank(rank_pad(b.max_rank), [&](auto bm, auto rp) {
     constexpr int kBM = decltype(bm)::value, kRP = decltype(rp)::value;
     constexpr int kVec = 16 / sizeof(T);

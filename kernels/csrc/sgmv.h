@@ -15,6 +15,9 @@ inline int rank_pad(int max_rank) {
 // Rows per CTA for a padded rank: fewer rows for larger ranks keep the accumulators in registers.
 inline int block_rows_for(int rp) { return rp <= 32 ? 16 : (rp == 64 ? 8 : 4); }
 
+// Rows per CTA of the tensor-core kernels.
+constexpr int kTcRows = 64;
+
 struct Batch {  // what the shrink and the expand both read
   const int64_t* table;
   const int* blocks;
@@ -25,6 +28,7 @@ struct Batch {  // what the shrink and the expand both read
   int num_slices;
   int max_rank;
   bool vec;  // 16-byte loads: rows and strides are aligned (checked by the caller)
+  bool tensor_cores;  // 16-bit, sm_80+, vec, and blocks of kTcRows rows (the caller's choice)
 };
 
 template <typename T>
