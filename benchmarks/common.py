@@ -1,4 +1,5 @@
-"""Small helpers shared by the benchmarks: CUDA-graph timing with a cold L2, JSON + PNG output."""
+"""Small helpers shared by the benchmarks: CUDA-graph timing with a cold L2, the floor of reading bytes, JSON +
+PNG output."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -66,6 +69,27 @@ def hbm_bandwidth_bytes_per_s(device: str = "cuda") -> float:
     else:
         us = min(_wall_time_us(lambda: dst.copy_(src)) for _ in range(5))
     return 2 * src.numel() / (us * 1e-6)
+
+
+def read_floor_us(nbytes: float, timer: Callable[[Callable[[], Any]], float] = cuda_graph_time_us) -> float:
+    """The time of one kernel that only reads nbytes (16-byte loads, four programs per SM, pipelined), timed
+    with `timer`: what moving those bytes costs in the same harness, launch and ramp included. A roofline
+    from the copy bandwidth leaves both out."""
+    programs = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    block = 4096
+    per_program = triton.cdiv(triton.cdiv(int(nbytes) // 2, programs), block) * block
+    src = torch.zeros(programs * per_program, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty(programs, dtype=torch.float32, device="cuda")
+    return timer(lambda: _stream_read_kernel[(programs,)](src, dst, per_program, BLOCK=block, num_warps=4))
+
+
+@triton.jit
+def _stream_read_kernel(src, dst, per_program, BLOCK: tl.constexpr):
+    base = src + tl.program_id(0).to(tl.int64) * per_program
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.range(0, per_program, BLOCK, num_stages=4):
+        acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
+    tl.store(dst + tl.program_id(0), tl.sum(acc))
 
 
 def _wall_time_us(fn: Callable[[], Any]) -> float:
