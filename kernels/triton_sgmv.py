@@ -59,8 +59,8 @@ def vector_bounds(slice_row, rank, dtype, ALIGNED: tl.constexpr):
 
 @triton.jit
 def shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_hi, K,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_R]: x[rows, k_lo:k_hi] @ A[slot, :rank, k_lo:k_hi].T"""
     a_ptr, sa0, sa1, sa2 = slice_weights(slice_row, 0, x_ptr.dtype.element_ty, ALIGNED)
     a_ptr += slot.to(tl.int64) * sa0
@@ -80,7 +80,7 @@ def shrink_tile(x_ptr, sx0, sx1, slice_row, slot, rows, m_mask, rank, k_lo, k_hi
 
 @triton.jit
 def expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank, offs_n, BLOCK_R: tl.constexpr,
-                 ALIGNED: tl.constexpr):
+                ALIGNED: tl.constexpr):
     """B[slot, offs_n, :rank] transposed, and the y tile it adds into (pointers, mask). Loaded before the
     rank vectors are summed, so these HBM reads overlap that work."""
     b_ptr, sb0, sb1, sb2 = slice_weights(slice_row, 4, y_ptr.dtype.element_ty, ALIGNED)
@@ -135,7 +135,7 @@ def _sgmv_shrink_kernel(x_ptr, sx0, sx1, table_ptr, blocks_ptr, sorted_rows_ptr,
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     k_lo = pid_k * k_per_split
     acc = shrink_tile(x_ptr, sx0, sx1, table_ptr + j * 10, slot, rows, m_mask, rank, k_lo,
-                       tl.minimum(k_lo + k_per_split, K), K, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K, ALIGNED)
+                      tl.minimum(k_lo + k_per_split, K), K, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K, ALIGNED)
     store_partials(buf_ptr, acc, pid_k, j, T, R, rows, m_mask, BLOCK_R)
 
 
@@ -152,7 +152,7 @@ def _sgmv_expand_kernel(y_ptr, sy0, sy1, buf_ptr, table_ptr, blocks_ptr, sorted_
         return
     rank = tl.load(ranks_ptr + slot) if HAS_RANKS else R
     bt, y_tile, mask = expand_load(y_ptr, sy0, sy1, slice_row, slot, rows, m_mask, rank,
-                                    pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_R, ALIGNED)
+                                   pid_n * BLOCK_N + tl.arange(0, BLOCK_N), BLOCK_R, ALIGNED)
     if PDL:  # B and y (written before the shrink started) are loaded; the partials need the shrink done
         y_old = tl.load(y_tile, mask=mask, other=0.0)
         tl.extra.cuda.gdc_wait()
