@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import launch
+
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
@@ -75,7 +77,7 @@ def read_floor_us(nbytes: float, timer: Callable[[Callable[[], Any]], float] = c
     """The time of one kernel that only reads nbytes (16-byte loads, four programs per SM, pipelined), timed
     with `timer`: what moving those bytes costs in the same harness, launch and ramp included. A roofline
     from the copy bandwidth leaves both out."""
-    programs = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    programs = launch.num_programs_target(torch.device("cuda"), per_sm=4)
     block = 4096
     per_program = triton.cdiv(triton.cdiv(int(nbytes) // 2, programs), block) * block
     src = torch.zeros(programs * per_program, dtype=torch.bfloat16, device="cuda")

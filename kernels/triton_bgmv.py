@@ -17,6 +17,7 @@ import triton.language as tl
 from kernels import launch
 from kernels.meta import LoRAMeta
 from kernels.triton_sgmv import (
+    dot_blocks,
     dot_precision,
     expand_load,
     expand_store,
@@ -136,12 +137,6 @@ def _adapters(lora_a: Sequence[torch.Tensor], meta: LoRAMeta | None) -> int:
     return meta.max_adapters if meta is not None else lora_a[0].shape[0]
 
 
-def _tile_block(max_rank: int) -> tuple[int, int]:
-    """(rank block, k block) of the tile kernels: tl.dot needs 16 at least; as triton_sgmv's prefill tiles."""
-    block_r = max(16, triton.next_power_of_2(max_rank))
-    return block_r, 128 if block_r <= 32 else 64
-
-
 def _block(max_rank: int) -> tuple[int, int]:
     """(rank block, k or n block): the [rank, k] and [n, rank] tiles hold 4096 elements."""
     block_r = triton.next_power_of_2(max_rank)
@@ -157,7 +152,7 @@ def shrink(x: torch.Tensor, lora_a: Sequence[torch.Tensor], lora_b: Sequence[tor
     table = launch.slice_table(lora_a, lora_b, offsets)
     ranks_arg, aligned = ranks if ranks is not None else table, weights_aligned(lora_a, lora_b, offsets)
     if launch.prefill_tiles(t, _adapters(lora_a, meta)):
-        block_r, block_k = _tile_block(max_rank)
+        block_r, block_k = dot_blocks(max_rank)
         tiles = triton.cdiv(t, TILE_M)
         splits, per_split = launch.split_k(k, block_k, tiles * num_slices, x.device)
         buf = torch.empty(splits, num_slices, t, max_rank, dtype=torch.float32, device=x.device)
@@ -183,7 +178,7 @@ def expand(y: torch.Tensor, buf: torch.Tensor, lora_a: Sequence[torch.Tensor], l
     ranks_arg, aligned = ranks if ranks is not None else table, weights_aligned(lora_a, lora_b, offsets)
     max_out = max(b.shape[1] for b in lora_b)
     if launch.prefill_tiles(t, _adapters(lora_a, meta)):
-        block_r, _ = _tile_block(max_rank)
+        block_r, _ = dot_blocks(max_rank)
         grid = (triton.cdiv(t, TILE_M), triton.cdiv(max_out, TILE_N), num_slices)
         _bgmv_expand_tile_kernel[grid](
             y, y.stride(0), y.stride(1), buf, table, slot_ids, ranks_arg, scalings, t, max_rank, SPLITS=splits,

@@ -176,8 +176,7 @@ class Plan:
         # slot, so that short prefill segments do not leave tiles half empty.
         per_slot = -(-t // max(1, min(t, meta.max_adapters)))
         self.block_m = 16 if t <= 256 else min(64, max(16, triton.next_power_of_2(per_slot)))
-        self.block_r = max(16, triton.next_power_of_2(self.max_rank))  # tl.dot needs dimensions >= 16
-        self.block_k = 128 if self.block_r <= 32 else 64
+        self.block_r, self.block_k = dot_blocks(self.max_rank)
         self.block_n = 128
         self.shrink_warps, self.expand_warps = 4, 4
         self.num_stages = 3
@@ -205,6 +204,13 @@ class Plan:
                 max_splits = 4
         self.splits, self.k_per_split = launch.split_k(self.k, self.block_k, self.blocks.shape[0] * num_slices,
                                                        x.device, per_sm=per_sm, max_splits=max_splits)
+
+
+def dot_blocks(max_rank: int) -> tuple[int, int]:
+    """(rank block, k block) of a tensor-core tile: tl.dot needs dimensions of 16 at least; k steps of 128
+    up to rank 32, of 64 above."""
+    block_r = max(16, triton.next_power_of_2(max_rank))
+    return block_r, 128 if block_r <= 32 else 64
 
 
 def weights_aligned(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], offsets: Sequence[int]) -> bool:
