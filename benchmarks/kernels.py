@@ -28,6 +28,7 @@ from kernels import LoRAMeta, add_lora_slices, auto, cuda, triton_bgmv, triton_s
 SPLIT = {"triton_sgmv": triton_sgmv, "triton_bgmv": triton_bgmv, "cuda": cuda}  # each has shrink and expand
 OPTIMISED = (*SPLIT, "triton_sgmv_pdl")  # the same two kernels as triton_sgmv, overlapped: timed together
 BASELINES = ("loop", "gather_bmm")
+ROUNDS = 2  # timings of each backend at each point, the fastest kept (measure_point)
 SKEW = 1.5  # Zipf exponent of the skewed decode points (the Punica paper's skewed workload)
 CHECK_TOL = 2e-2  # relative to the size of the LoRA delta; bf16 operands land near 1e-3..1e-2
 HIDDEN = 4096
@@ -103,6 +104,12 @@ def time_backend(p: Problem, backend: str, timer: Callable, eager: Callable) -> 
         out["shrink_us"] = timer(lambda: m.shrink(p.x, *args, None, p.meta, offsets(p.outs)))
         out["expand_us"] = timer(lambda: m.expand(y, buf, *args, p.scalings, None, p.meta, offsets(p.outs)))
     return out
+
+
+def keep_fastest(times: dict[str, dict[str, float]], backend: str, new: dict[str, float]) -> None:
+    """times[backend] becomes the faster of it and new, figure by figure."""
+    old = times.get(backend, new)
+    times[backend] = {k: min(v, old[k]) for k, v in new.items()}
 
 
 def offsets(outs: tuple[int, ...]) -> list[int]:
@@ -301,21 +308,29 @@ def measure_point(i: int, mode: str, t: int, n: int, out: int, rank: int, device
     on_gpu = device == "cuda"
     d_in = HIDDEN if on_gpu else 48
     p = Problem(mode, t, n, d_in, (out,), rank, dtype, device, seed=i)
-    errors, times = {}, {}
-    for b in timed:
-        if b in broken:
-            continue
-        try:
-            errors[b] = check(p, b)
-            times[b] = time_backend(p, b, timer, eager)
-        except Exception as e:  # one broken backend must not cost the whole run's other numbers
-            broken[b] = f"{mode} T={t} n={n} out={out} r={rank}: {e!r}"
-            print(f"BROKEN {b}: {broken[b]}", flush=True)
-            errors.pop(b, None)
-    if on_gpu:  # auto, with the table derived from every point measured so far (this one included)
-        auto.use_table(derive_auto_table([*done, {"t": t, "adapters": n, "out": out, "rank": rank, "time": times}]))
-        errors["auto"] = check(p, "auto")
-        times["auto"] = time_backend(p, "auto", timer, eager)
+    errors: dict[str, float] = {}
+    times: dict[str, dict[str, float]] = {}
+    # Every backend is timed in each of ROUNDS rounds and keeps its fastest: a replay slowed for a moment
+    # (seen on H100s: one backend's median 27% over the same kernels timed under another name) then
+    # costs a backend nothing, whichever it hits.
+    for _ in range(ROUNDS if on_gpu else 1):
+        for b in timed:
+            if b in broken:
+                continue
+            try:
+                if b not in errors:
+                    errors[b] = check(p, b)
+                keep_fastest(times, b, time_backend(p, b, timer, eager))
+            except Exception as e:  # one broken backend must not cost the whole run's other numbers
+                broken[b] = f"{mode} T={t} n={n} out={out} r={rank}: {e!r}"
+                print(f"BROKEN {b}: {broken[b]}", flush=True)
+                errors.pop(b, None)
+                times.pop(b, None)
+        if on_gpu:  # auto, with the table derived from every point measured so far (this one included)
+            auto.use_table(derive_auto_table([*done, {"t": t, "adapters": n, "out": out, "rank": rank, "time": times}]))
+            if "auto" not in errors:
+                errors["auto"] = check(p, "auto")
+            keep_fastest(times, "auto", time_backend(p, "auto", timer, eager))
     if (t, out) not in gemm_cache:
         w = torch.randn(d_in, out, device=device, dtype=dtype)
         gemm_cache[(t, out)] = timer(lambda p=p, w=w: p.x @ w)
