@@ -206,15 +206,17 @@ class EngineCore:
         return out
 
     def step(self) -> list[tuple[Sequence, RequestOutput | BaseException]]:
-        """Collect the step in flight's tokens, launch the next step, then (while the GPU runs it) turn
-        the collected tokens into text and outputs: what each touched request gets streamed."""
+        """Launch the next step, then (while the GPU runs the step in flight and then it) collect the step
+        in flight's tokens and turn them into text and outputs: what each touched request gets streamed.
+        The GPU never waits for the host's work on a step's tokens; the price is that a sequence ended by
+        a stop token or string is computed one step too far (that token is dropped)."""
         results: list[tuple[Sequence, RequestOutput | BaseException]] = []
-        sampled = self._collect(results)
         sched = self.scheduler.schedule()
         self.last_num_scheduled = len(sched.seqs)
         for seq in sched.failed:
             self._finish(seq, "error")
             results.append((seq, seq.error or RuntimeError("adapter failed to load")))
+        in_flight, self._in_flight = self._in_flight, None
         if not sched.empty:
             try:
                 self._in_flight = self.runner.launch(sched)
@@ -222,6 +224,7 @@ class EngineCore:
                 for seq in sched.seqs:
                     self._finish(seq, "error")
                     results.append((seq, exc))
+        sampled = self._collect(in_flight, results)
         for seq, first, seconds in sampled:
             (self.metrics.time_to_first_token if first else self.metrics.inter_token_latency)(seconds)
             if not seq.finished:  # else aborted, or its output went out when max_tokens ended it
@@ -232,14 +235,12 @@ class EngineCore:
         )
         return results
 
-    def _collect(self, results: list) -> list[tuple[Sequence, bool, float]]:
-        """Record the tokens of the step in flight (waiting for it). A stop token or max_tokens ends a
-        sequence here, before the next step is scheduled, so its blocks and slot are free for it.
-        Returns (sequence, first token?, seconds since arrival or its last token) for the metrics,
-        which the caller records once the next step is launched."""
-        if self._in_flight is None:
+    def _collect(self, in_flight: SampledTokens | None, results: list) -> list[tuple[Sequence, bool, float]]:
+        """Record the tokens of a launched step (waiting for it). A stop token or max_tokens ends a
+        sequence here, which frees its blocks and slot for the next step scheduled.
+        Returns (sequence, first token?, seconds since arrival or its last token) for the metrics."""
+        if in_flight is None:
             return []
-        in_flight, self._in_flight = self._in_flight, None
         try:
             tokens = in_flight.result()
         except Exception as exc:  # the step failed on the GPU: its requests fail, the engine lives on

@@ -1,7 +1,10 @@
 """Turns a scheduled step into one forward pass: flat token batch, paged-attention
 metadata, the step's LoRA view (metadata built once, reused by every layer), sampling.
 Decode steps (one new token per sequence) take a fixed-shape path: their inputs are packed
-into one static buffer, and on CUDA a captured graph replays the whole step."""
+into one static buffer, and on CUDA a captured graph replays the whole step.
+A step is launched before the previous one's tokens reach the host (the way vLLM's async
+scheduling hides the host's work behind the GPU's): a token still pending is read on the
+device, from the previous step's sampled tokens."""
 
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from replica.scheduler import SchedulerOutput
 from replica.sequence import Sequence
 
 # Columns of the packed decode inputs (int32, a row per sequence, its block table last): one
-# host-to-device copy per step.
-TOKEN, POSITION, CACHE_SLOT, CONTEXT_LEN, LORA_SLOT, BLOCKS = range(6)
+# host-to-device copy per step. FED: the row of the previous step's sampled tokens that holds the
+# input token (-1: TOKEN holds it).
+TOKEN, POSITION, CACHE_SLOT, CONTEXT_LEN, LORA_SLOT, FED, BLOCKS = range(7)
 
 
 class SampledTokens:
@@ -60,20 +64,26 @@ class ModelRunner:
         self.kernel_backend = kernel_backend
         self.device = device
         self.sampler = Sampler(device)
-        # Where a step's sampled tokens land, copied without a wait (a step samples at most max_num_seqs).
-        self._sampled_host = torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=device.type == "cuda")
+        pin = device.type == "cuda"
+        # Host buffers that a launch fills or that its copies land in, two used in turn: the step before
+        # the last has been collected, so its buffers are free (a step samples at most max_num_seqs).
+        self._launches = 0
+        self._sampled_host = [torch.empty(max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        # The last launched step's sampled tokens on the device, and which row holds each sequence's.
+        self._fed_tokens = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self._fed_rows: dict[Sequence, int] = {}
         if attention_backend == "auto":
             attention_backend = "triton" if device.type == "cuda" else "torch"
         self.attention_backend = attention_backend
         model.ops_backend = attention_backend  # its norm / rotary / silu kernels follow the same choice
         shape = (max_num_seqs, BLOCKS + -(-max_model_len // block_size))
-        self._decode_host = torch.zeros(shape, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self._decode_rows = self._decode_host.numpy()
         # A row that attends to nothing and writes its K/V into the cache's padding block.
         self._padding = np.zeros(shape[1], dtype=np.int32)
-        self._padding[CACHE_SLOT], self._padding[LORA_SLOT] = kv_cache.pad_slot, -1
-        self._decode_rows[:] = self._padding
-        self._decode_inputs = self._decode_host.to(device)
+        self._padding[CACHE_SLOT], self._padding[LORA_SLOT], self._padding[FED] = kv_cache.pad_slot, -1, -1
+        self._decode_host = [torch.from_numpy(np.tile(self._padding, (shape[0], 1))) for _ in range(2)]
+        if pin:
+            self._decode_host = [t.pin_memory() for t in self._decode_host]
+        self._decode_inputs = self._decode_host[0].to(device)
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
             with torch.inference_mode():
@@ -88,11 +98,15 @@ class ModelRunner:
         if all(n == 1 for n in step.num_new):
             return self._decode(step.seqs)
         ids: list[int] = []
+        fed: dict[int, int] = {}  # index in ids -> row of _fed_tokens, for the pending tokens
         positions: list[int] = []
         slot_ids: list[int] = []
         for seq, n in zip(step.seqs, step.num_new, strict=True):
             start = seq.num_computed
             ids.extend(seq.token_ids[start : start + n])
+            if seq.num_pending and start + n == seq.num_tokens:  # its last token is still pending
+                fed[len(ids)] = self._fed_rows[seq]
+                ids.append(0)
             positions.extend(range(start, start + n))
             slot_ids.extend([seq.slot] * n)
         attn = AttentionMetadata.build(
@@ -108,8 +122,13 @@ class ModelRunner:
             # the adapter count sizes the kernels' tiles and picks the backend: a prefill over few
             # adapters is a few long segments, not one per slot
             lora = self._lora_batch(torch.tensor(slot_ids, dtype=torch.int32, device=self.device), num_adapters)
+        tokens = torch.tensor(ids, device=self.device)
+        if fed:
+            fed_rows = torch.full((len(ids),), -1, dtype=torch.int32)
+            fed_rows[list(fed)] = torch.tensor(list(fed.values()), dtype=torch.int32)
+            tokens = self._fed_back(tokens, fed_rows.to(self.device))
         hidden = self.model(
-            torch.tensor(ids, device=self.device),
+            tokens,
             torch.tensor(positions, device=self.device),
             self.kv_cache,
             attn,
@@ -126,12 +145,18 @@ class ModelRunner:
 
     def launch(self, step: SchedulerOutput) -> SampledTokens:
         """Forward and sample without waiting for the GPU: the tokens of the sequences that sample, to
-        be collected once the host has done its other work (only one step is in flight at a time)."""
+        be collected once the host has done its other work, at the latest after the next launch (two
+        steps are in flight at most). Those tokens are pending until then."""
+        self._launches += 1
         done, logits = self.forward(step)
+        self._fed_rows = {seq: i for i, seq in enumerate(done)}
         if not done:
             return SampledTokens([], None, None)
         tokens = self.sampler(logits, [s.params for s in done], [s.generator for s in done])
-        host = self._sampled_host[: len(done)]
+        self._fed_tokens[: len(done)].copy_(tokens)
+        for seq in done:
+            seq.num_pending += 1
+        host = self._sampled_host[self._launches % 2][: len(done)]
         host.copy_(tokens, non_blocking=True)
         ready = None
         if self.device.type == "cuda":
@@ -140,12 +165,15 @@ class ModelRunner:
         return SampledTokens(done, host, ready)
 
     def _decode(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
-        n, bs, rows = len(seqs), self.block_size, self._decode_rows
+        n, bs = len(seqs), self.block_size
+        host = self._decode_host[self._launches % 2]
+        rows = host.numpy()
         done, done_rows = [], []
         for i, seq in enumerate(seqs):
             pos, table = seq.num_computed, seq.block_table
             row = rows[i]
-            row[:BLOCKS] = (seq.token_at(pos), pos, table[pos // bs] * bs + pos % bs, pos + 1, seq.slot)
+            token, fed = self._input_token(seq, pos)
+            row[:BLOCKS] = (token, pos, table[pos // bs] * bs + pos % bs, pos + 1, seq.slot, fed)
             row[BLOCKS : BLOCKS + len(table)] = table
             seq.num_computed = pos + 1
             if seq.num_computed == seq.num_tokens:  # else a prompt chunked down to one token
@@ -154,13 +182,25 @@ class ModelRunner:
         padded = self.graphs.bucket(n) if self.graphs is not None else n
         rows[n:padded, :BLOCKS] = self._padding[:BLOCKS]
         inputs = self._decode_inputs[:padded]
-        inputs.copy_(self._decode_host[:padded], non_blocking=True)
+        inputs.copy_(host[:padded], non_blocking=True)
         num_adapters = self._adapters_ready(seqs)
         if self.graphs is not None:
             logits = self.graphs.replay(padded, num_adapters)
         else:
             logits = self._decode_logits(inputs, num_adapters)
-        return done, logits[done_rows] if len(done_rows) < padded else logits
+        if done_rows == list(range(len(done_rows))):  # a slice: indexing by a list would wait for the GPU
+            return done, logits[: len(done_rows)]
+        return done, logits[done_rows]
+
+    def _input_token(self, seq: Sequence, pos: int) -> tuple[int, int]:
+        """(token, -1) for a token the host has; (0, its row in _fed_tokens) for a pending one."""
+        if pos < seq.num_tokens - seq.num_pending:
+            return seq.token_at(pos), -1
+        return 0, self._fed_rows[seq]
+
+    def _fed_back(self, tokens: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        """The input tokens, with those of rows whose fed >= 0 read from the previous step's samples."""
+        return torch.where(fed >= 0, self._fed_tokens.index_select(0, fed.clamp(min=0)), tokens.long())
 
     def _adapters_ready(self, seqs: list[Sequence]) -> int:
         """How many distinct adapters the step's sequences use; with any, their slot copies are made
@@ -181,7 +221,8 @@ class ModelRunner:
             backend=self.attention_backend,
         )
         lora = self._lora_batch(inputs[:, LORA_SLOT].contiguous(), max_adapters) if max_adapters else None
-        hidden = self.model(inputs[:, TOKEN].long(), inputs[:, POSITION].long(), self.kv_cache, attn, lora)
+        tokens = self._fed_back(inputs[:, TOKEN], inputs[:, FED])
+        hidden = self.model(tokens, inputs[:, POSITION].long(), self.kv_cache, attn, lora)
         return self.model.compute_logits(hidden)
 
     def _lora_batch(self, slots: torch.Tensor, max_adapters: int) -> LoRABatch:

@@ -69,7 +69,7 @@ class Sampler:
         self.device = torch.device(device)
         self._unseeded = torch.Generator(self.device)
         self._unseeded.seed()
-        self._staging = torch.empty(0)
+        self._staging = [torch.empty(0), torch.empty(0)]  # used in turn (see _upload)
 
     def new_generator(self, seed: int | None) -> torch.Generator | None:
         """A seeded request's own generator on the sampling device; None (unseeded) shares the sampler's."""
@@ -115,14 +115,16 @@ class Sampler:
 
     def _upload(self, columns: list[list[float]]) -> torch.Tensor:
         """Per-row values, one row of the result per column, on the device in one copy that does not
-        wait: a copy from pageable memory would first wait for the whole step. The staging buffer is
-        free again by the next call: the runner waits for a step's tokens before it launches the next."""
+        wait: a copy from pageable memory would first wait for the whole step. Two staging buffers in
+        turn: a call's copy may not have run when the next call comes (the runner launches a step before
+        it collects the last), but it has two calls later (by then that step was collected)."""
         host = torch.tensor(columns, dtype=torch.float32)  # exact for row indices and k below 2**24
         if self.device.type != "cuda":
             return host
-        if self._staging.numel() < host.numel():
-            self._staging = torch.empty(2 * host.numel(), pin_memory=True)
-        staging = self._staging[: host.numel()].view_as(host)
+        self._staging.reverse()
+        if self._staging[0].numel() < host.numel():
+            self._staging[0] = torch.empty(2 * host.numel(), pin_memory=True)
+        staging = self._staging[0][: host.numel()].view_as(host)
         staging.copy_(host)
         return staging.to(self.device, non_blocking=True)
 

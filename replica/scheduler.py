@@ -1,6 +1,8 @@
 """Continuous batching: each step schedules running sequences first (decode, or the rest
 of a chunked prompt), then admits waiting ones under the token budget, max_num_seqs and the
-adapter slots. KV pressure preempts the newest running sequence, which is recomputed later."""
+adapter slots. KV pressure preempts the newest running sequence, which is recomputed later.
+A step is scheduled while the previous one still runs: a running sequence's last sampled token
+may still be pending (it counts in num_tokens; the step reads it on the device)."""
 
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.sampled_all:  # its last tokens are on their way; it finishes when they arrive
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self.blocks.can_allocate(seq, n):
                 victim = self.running[-1]

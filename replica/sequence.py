@@ -51,6 +51,9 @@ class Sequence:
     slot: int = -1  # adapter slot while running (-1: base model)
     num_sent_ids: int = 0
     num_preemptions: int = 0
+    # Tokens sampled by launched steps that have not reached the host yet: the next step reads such a
+    # token on the device (ModelRunner), so that it can be launched before the last one is collected.
+    num_pending: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -62,15 +65,22 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Tokens so far, the pending ones included."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.num_pending
+
+    @property
+    def sampled_all(self) -> bool:
+        """max_tokens are sampled, some maybe still pending: there is nothing left to compute."""
+        return len(self.output_ids) + self.num_pending >= self.params.max_tokens
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
 
     def append_token(self, token: int) -> None:
-        """Record a sampled token; a stop token or max_tokens ends the sequence. Stop strings need the
-        text: detokenize() looks for them, after the next step is on its way."""
+        """Record a pending token as it reaches the host; a stop token or max_tokens ends the sequence.
+        Stop strings need the text: detokenize() looks for them, after the next step is on its way."""
+        self.num_pending -= 1
         self.output_ids.append(token)
         p = self.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):

@@ -149,3 +149,32 @@ def test_kv_pressure_preempts_the_newest_and_recomputes(tiny, tmp_path):
         core.add(alone)
         drive(core)
         assert alone.output_ids == s.output_ids
+
+
+def test_a_step_is_launched_before_the_last_is_collected_and_none_runs_past_max_tokens(tiny, tmp_path):
+    model_dir, _ = tiny
+    core = make_core(model_dir, tmp_path)
+    steps = record_steps(core)
+    order: list[tuple[str, int]] = []
+    launch = core.runner.launch
+
+    def spy(step: SchedulerOutput):
+        sampled, i = launch(step), sum(kind == "launch" for kind, _ in order)
+        order.append(("launch", i))
+        result = sampled.result
+        sampled.result = lambda: (order.append(("collect", i)), result())[1]
+        return sampled
+
+    core.runner.launch = spy
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    seqs = [core.make_sequence([i + 1, 2, 3], params, request_id=f"r{i}") for i in range(3)]
+    for s in seqs:
+        core.add(s)
+    assert drive(core) == {s.request_id: "length" for s in seqs}
+    launched = [i for kind, i in order if kind == "launch"]
+    assert launched == list(range(5))
+    for i in launched[1:]:  # the host's work on step i - 1's tokens overlaps step i on the GPU
+        assert order.index(("launch", i)) < order.index(("collect", i - 1))
+    # Its pending tokens are known to end it: each sequence runs its prefill and 4 decode steps, no more.
+    assert all(sum(s in st.seqs for st in steps) == 5 and len(s.output_ids) == 5 for s in seqs)
+    assert core.blocks.num_free == 256
