@@ -7,7 +7,8 @@ rank 16 on all seven projections (and one point with ranks mixed 8/16/64). Each 
 against the memory-bandwidth roofline of a decode step (base weights + KV read + the distinct
 adapters' weights, over the measured bandwidth) and, at batch 8 and 64, against transformers +
 PEFT's mixed-batch generate in the same run. Also: time to first token of requests whose adapter
-is resident, alone and while other requests' adapters load; the engine's CUDA-graph / Triton path
+is resident, alone and while other requests' adapters load; closed-loop arrivals (each client sends its
+next request when its last ends), base-only and uniform; the engine's CUDA-graph / Triton path
 against its eager / PyTorch twin (same greedy tokens); benchmarks.engine's transformers check.
 --tiny runs the same code with small shapes (the CPU check); --quick only batch 8 and 64.
 Writes <out>/throughput.json and .png (--plot-only draws the PNG from an existing JSON)."""
@@ -55,6 +56,7 @@ TARGET_BATCH = 64  # the issue's targets are stated at batch 64
 TARGET_REPEATS = 3
 # What chat clients send (OpenAI's default temperature is 1): the sampled point beside the greedy ones.
 SAMPLED = {"temperature": 0.8, "top_k": 50, "top_p": 0.95}
+ARRIVAL_WORKLOADS, ARRIVAL_ROUNDS = ("base_only", "uniform"), 7  # arrivals_point
 LOAD_WORKERS = 8  # background adapter loads, so that 128 adapters are ready in seconds
 _START = time.perf_counter()
 
@@ -245,6 +247,7 @@ def serve_points(
     sampled = sampled_point(core, prompts, sizes, roofline, points["uniform"])
     loads = ttft_during_loads(core, prompts[0], sizes.ttft_trials)
     log("time to first token, resident adapter:", loads)
+    arrivals = {w: arrivals_point(core, prompts, sizes, w, points[w]) for w in ARRIVAL_WORKLOADS}
     core.pool.shutdown()
     return {
         "kv_blocks": core.blocks.num_blocks,
@@ -254,6 +257,7 @@ def serve_points(
         "points": points,
         "sampled": sampled,
         "loads_off_step_loop": loads,
+        "arrivals": arrivals,
     }  # fmt: skip
 
 
@@ -312,6 +316,65 @@ def ttft_during_loads(core: EngineCore, prompt: list[int], trials: int, loads_pe
         "loads_in_flight_at_first_token": in_flight,
         "free_kv_blocks_after": core.blocks.num_free, "total_kv_blocks": core.blocks.num_blocks,
     }  # fmt: skip
+
+
+def arrivals_point(core: EngineCore, prompts: list[list[int]], sizes: Sizes, workload: str,
+                   lockstep: list[dict]) -> dict:
+    """Serving as it happens: TARGET_BATCH clients, each sending its next request when its last one ends,
+    max_tokens drawn from [gen_len / 2, 3 gen_len / 2], ARRIVAL_ROUNDS requests per client. New prompts
+    then join running decodes (a step of both runs eagerly: the decode graphs take one token per row),
+    which the lockstep points above never do. Against the lockstep point of the same batch."""
+    batch = min(TARGET_BATCH, max(sizes.batches))
+    rows = workload_adapters(workload, batch)
+    load_adapters(core, rows)
+    rng = random.Random(SEED)
+    kinds: dict[str, list[float]] = {"decode": [], "mixed": []}  # seconds of each step, by what it launched
+    schedule = core.scheduler.schedule
+    launched: list[str] = []
+
+    def spy() -> Any:
+        out = schedule()
+        if not out.empty:
+            launched.append("decode" if all(n == 1 for n in out.num_new) else "mixed")
+        return out
+
+    def submit(i: int) -> None:
+        params = SamplingParams(max_tokens=rng.randint(sizes.gen_len // 2, 3 * sizes.gen_len // 2),
+                                temperature=0, ignore_eos=True)  # fmt: skip
+        core.add(core.make_sequence(prompts[i % len(prompts)], params, rows[i % batch]))
+
+    core.scheduler.schedule = spy
+    try:
+        for rounds in (1, ARRIVAL_ROUNDS):  # the first: warm-up (kernels of the step shapes compiled)
+            for v in kinds.values():
+                v.clear()
+            sent = generated = 0
+            for _ in range(batch):
+                submit(sent)
+                sent += 1
+            start = time.perf_counter()
+            while core.has_work:
+                launched.clear()
+                t0 = time.perf_counter()
+                results = core.step()
+                if launched:
+                    kinds[launched[0]].append(time.perf_counter() - t0)
+                for _, out in results:
+                    generated += len(out.token_ids)
+                    if out.finished and sent < rounds * batch:
+                        submit(sent)
+                        sent += 1
+            seconds = time.perf_counter() - start
+    finally:
+        core.scheduler.schedule = schedule
+    same_batch = next(p for p in lockstep if p["batch"] == batch)
+    out = {"clients": batch, "requests": sent, "generated_tokens": generated, "seconds": round(seconds, 3),
+           "tokens_per_s": round(generated / seconds, 1), "lockstep_tokens_per_s": same_batch["tokens_per_s"],
+           "over_lockstep": _significant(generated / seconds / same_batch["tokens_per_s"]),
+           "steps": {k: {"count": len(v), "ms_per_step": round(statistics.fmean(v) * 1e3, 3) if v else None}
+                     for k, v in kinds.items()}}  # fmt: skip
+    log(f"arrivals, {workload}:", out)
+    return out
 
 
 def mixed_rank_point(

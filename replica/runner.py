@@ -115,6 +115,7 @@ class ModelRunner:
             step.num_new,
             self.block_size,
             self.device,
+            self.attention_backend,
         )
         lora = None
         num_adapters = self._adapters_ready(step.seqs)

@@ -41,16 +41,16 @@ def test_block_manager_grows_tables_and_frees_everything():
         BlockManager(0, 4)
 
 
-def test_paged_attention_matches_plain_causal_attention():
+# (cached tokens, new tokens) per sequence: plain prefill, prefill after a cached prefix (chunked or
+# recomputed), and decode (one new token: the paged decode kernel), mixed in one step, and each alone.
+@pytest.mark.parametrize("shapes", [[(0, 9), (13, 1), (6, 5), (0, 1), (2, 3)], [(13, 1), (0, 1)], [(0, 9)]])
+def test_paged_attention_matches_plain_causal_attention(shapes):
     torch.manual_seed(0)
     heads, kv_heads, dim, block = 4, 2, 8, 4
     k_cache = torch.zeros(40 * block, kv_heads, dim)
     v_cache = torch.zeros_like(k_cache)
     free = list(range(40))
     random.Random(0).shuffle(free)  # scattered blocks
-    # (cached tokens, new tokens): plain prefill, prefill after a cached prefix (chunked or
-    # recomputed), and decode
-    shapes = [(0, 9), (6, 5), (13, 1), (0, 1)]
     full_k = [torch.randn(c + n, kv_heads, dim) for c, n in shapes]
     full_v = [torch.randn(c + n, kv_heads, dim) for c, n in shapes]
     tables = []
