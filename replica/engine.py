@@ -206,10 +206,11 @@ class EngineCore:
         return out
 
     def step(self) -> list[tuple[Sequence, RequestOutput | BaseException]]:
-        """Launch the next step, then (while the GPU runs the step in flight and then it) collect the step
-        in flight's tokens and turn them into text and outputs: what each touched request gets streamed.
-        The GPU never waits for the host's work on a step's tokens; the price is that a sequence ended by
-        a stop token or string is computed one step too far (that token is dropped)."""
+        """Launch the next step, then collect the tokens of the step launched before it (waiting for that
+        one while the GPU goes on to the new one) and turn them into text and outputs: what each touched
+        request gets streamed. So the GPU does not wait for the host's work between steps; the price is
+        that a sequence which a stop token or string ends is computed one step too far (that token is
+        dropped), and that what a step frees (blocks, slots) is free for the step after next."""
         results: list[tuple[Sequence, RequestOutput | BaseException]] = []
         sched = self.scheduler.schedule()
         self.last_num_scheduled = len(sched.seqs)
