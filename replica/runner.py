@@ -104,8 +104,8 @@ class ModelRunner:
         for seq, n in zip(step.seqs, step.num_new, strict=True):
             start = seq.num_computed
             ids.extend(seq.token_ids[start : start + n])
-            if seq.num_pending and start + n == seq.num_tokens:  # its last token is still pending
-                fed[len(ids)] = self._fed_rows[seq]
+            if (row := self._pending_row(seq, start + n - 1)) >= 0:  # its last token is still on the device
+                fed[len(ids)] = row
                 ids.append(0)
             positions.extend(range(start, start + n))
             slot_ids.extend([seq.slot] * n)
@@ -173,7 +173,8 @@ class ModelRunner:
         for i, seq in enumerate(seqs):
             pos, table = seq.num_computed, seq.block_table
             row = rows[i]
-            token, fed = self._input_token(seq, pos)
+            fed = self._pending_row(seq, pos)
+            token = seq.token_at(pos) if fed < 0 else 0
             row[:BLOCKS] = (token, pos, table[pos // bs] * bs + pos % bs, pos + 1, seq.slot, fed)
             row[BLOCKS : BLOCKS + len(table)] = table
             seq.num_computed = pos + 1
@@ -193,11 +194,9 @@ class ModelRunner:
             return done, logits[: len(done_rows)]
         return done, logits[done_rows]
 
-    def _input_token(self, seq: Sequence, pos: int) -> tuple[int, int]:
-        """(token, -1) for a token the host has; (0, its row in _fed_tokens) for a pending one."""
-        if pos < seq.num_tokens - seq.num_pending:
-            return seq.token_at(pos), -1
-        return 0, self._fed_rows[seq]
+    def _pending_row(self, seq: Sequence, pos: int) -> int:
+        """The row of _fed_tokens holding seq's token at pos while it is pending; -1 once the host has it."""
+        return self._fed_rows[seq] if pos >= seq.num_tokens - seq.num_pending else -1
 
     def _fed_back(self, tokens: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
         """The input tokens, with those of rows whose fed >= 0 read from the previous step's samples."""
