@@ -71,11 +71,13 @@ class AttentionMetadata:
         def to(a: np.ndarray, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
 
+        slot_mapping_t = to(slot_mapping)
         one = np.flatnonzero(new == 1)
-        decode = None
+        decode_rows = decode = None
         if len(one):
+            decode_rows = to(first[one])
             decode = DecodeMetadata(
-                slot_mapping=to(slot_mapping[first[one]]), block_tables=to(tables[one], torch.int32),
+                slot_mapping=slot_mapping_t[decode_rows], block_tables=to(tables[one], torch.int32),
                 context_lens=to(total[one], torch.int32), block_size=block_size, backend=backend,
             )  # fmt: skip
         many = np.flatnonzero(new > 1)
@@ -83,6 +85,7 @@ class AttentionMetadata:
         max_kv = -(-int(total[many].max(initial=1)) // block_size) * block_size  # fewer distinct shapes
         offsets = np.arange(max_q)
         valid_q = offsets < new[many, None]  # [Bp, max_q]
+        q_rows = first[many, None] + offsets
         q_pos = np.where(valid_q, cached[many, None] + offsets, -1)
         key_pos = np.arange(max_kv)
         in_context = key_pos < total[many, None]
@@ -90,11 +93,11 @@ class AttentionMetadata:
         mask[q_pos < 0] = key_pos == 0  # padding queries attend one key, so no row is all -inf
         kv_slots = np.where(in_context, slots(many[:, None], np.minimum(key_pos, total[many, None] - 1)), 0)
         return cls(
-            slot_mapping=to(slot_mapping),
-            decode_rows=to(first[one]) if len(one) else None,
+            slot_mapping=slot_mapping_t,
+            decode_rows=decode_rows,
             decode=decode,
-            prefill_rows=to((first[many, None] + offsets)[valid_q]),
-            query_index=to(np.where(valid_q, first[many, None] + offsets, 0)),
+            prefill_rows=to(q_rows[valid_q]),
+            query_index=to(np.where(valid_q, q_rows, 0)),
             kv_slots=to(kv_slots),
             mask=to(mask[:, None], torch.bool),
             output_index=to(np.flatnonzero(valid_q)),
