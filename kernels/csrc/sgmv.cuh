@@ -42,6 +42,23 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
   }
 }
 
+// This CTA's block of the batch metadata (kernels/meta.py, LoRAMeta.blocks): its slot (-1: an unused
+// entry) and its rows, sorted_rows[first, first + n).
+struct RowBlock {
+  int slot, first, n;
+};
+
+__device__ __forceinline__ RowBlock row_block(const int* blocks) {
+  const int* b = blocks + 3 * blockIdx.x;
+  return {b[0], b[1], b[2] - b[1]};
+}
+
+// rows[m] <- the block's m-th row (0 past its end), in shared memory: visible after a __syncthreads().
+template <int BM>
+__device__ __forceinline__ void stage_rows(int (&rows)[BM], const int* sorted_rows, const RowBlock& blk) {
+  if (threadIdx.x < BM) rows[threadIdx.x] = threadIdx.x < blk.n ? sorted_rows[blk.first + threadIdx.x] : 0;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -54,10 +71,8 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(
     const T* __restrict__ x, int64_t sx0, const int64_t* __restrict__ table, const int* __restrict__ blocks,
     const int* __restrict__ sorted_rows, const int* __restrict__ ranks, float* __restrict__ buf,
     int num_rows, int K, int R, int k_per_split) {
-  const int slot = blocks[3 * blockIdx.x];
+  const auto [slot, first, n] = row_block(blocks);
   if (slot < 0) return;
-  const int first = blocks[3 * blockIdx.x + 1];
-  const int n = blocks[3 * blockIdx.x + 2] - first;
   const int split = blockIdx.y, j = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t* slice = table + j * kTableCols;
@@ -114,20 +129,19 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(
     T* __restrict__ y, int64_t sy0, const float* __restrict__ buf, const int64_t* __restrict__ table,
     const int* __restrict__ blocks, const int* __restrict__ sorted_rows, const int* __restrict__ ranks,
     const float* __restrict__ scalings, int num_rows, int R, int splits) {
-  const int slot = blocks[3 * blockIdx.x];
+  const RowBlock blk = row_block(blocks);
+  const int slot = blk.slot, n = blk.n;
   const int j = blockIdx.z;
   const int64_t* slice = table + j * kTableCols;
   const int64_t n_out = slice[8];
   const int64_t col = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   if (slot < 0 || static_cast<int64_t>(blockIdx.y) * kThreads >= n_out) return;
-  const int first = blocks[3 * blockIdx.x + 1];
-  const int n = blocks[3 * blockIdx.x + 2] - first;
   const int rank = ranks != nullptr ? ranks[slot] : R;
   const float scale = scalings[slot];
 
   __shared__ float t[BM][RP];
   __shared__ int rows[BM];
-  if (threadIdx.x < BM) rows[threadIdx.x] = threadIdx.x < n ? sorted_rows[first + threadIdx.x] : 0;
+  stage_rows(rows, sorted_rows, blk);
   __syncthreads();
   for (int idx = threadIdx.x; idx < BM * RP; idx += kThreads) {
     const int m = idx / RP, r = idx % RP;
@@ -185,6 +199,13 @@ constexpr int kVec16 = 8;    // 16-bit elements per 16-byte vector
 // The expand's columns per CTA: its shared tiles stay within 48 KB.
 __host__ __device__ constexpr int tc_expand_cols(int rp) { return rp == 128 ? 64 : 128; }
 
+// A tensor-core kernel's shared memory: the operand tiles, then, in the same bytes, the fp32 result.
+template <typename Operands, typename Result>
+union TcShared {
+  Operands op;
+  Result res;
+};
+
 // The tile t[rows][cols] <- src[row r][col c] (row stride ld, unit column stride), 16-byte vectors, zero
 // where the row is past `rows_valid` or the column at or past `cols_valid`.
 template <typename T, int ROWS, int COLS>
@@ -210,20 +231,19 @@ __global__ void __launch_bounds__(kThreads) shrink_tc_kernel(
   constexpr int BM = kTcRows, FM = BM / 16, FR = RP / 16, FRAGS = (FM * FR + kWarps - 1) / kWarps;
   struct Operands { T x[BM][kTcK + kTcPad]; T a[RP][kTcK + kTcPad]; };
   struct Result { float c[BM][RP + 4]; };
-  __shared__ __align__(128) unsigned char smem[sizeof(Operands) > sizeof(Result) ? sizeof(Operands) : sizeof(Result)];
+  __shared__ __align__(128) TcShared<Operands, Result> smem;
   __shared__ int rows[BM];
-  auto& op = *reinterpret_cast<Operands*>(smem);
-  auto& res = *reinterpret_cast<Result*>(smem);
+  auto& op = smem.op;
+  auto& res = smem.res;
 
-  const int slot = blocks[3 * blockIdx.x];
+  const RowBlock blk = row_block(blocks);
+  const int slot = blk.slot, n = blk.n;
   if (slot < 0) return;
-  const int first = blocks[3 * blockIdx.x + 1];
-  const int n = blocks[3 * blockIdx.x + 2] - first;
   const int split = blockIdx.y, j = blockIdx.z, warp = threadIdx.x / 32;
   const int64_t* slice = table + j * kTableCols;
   const T* a = reinterpret_cast<const T*>(slice[0]) + slot * slice[1];
   const int rank = ranks != nullptr ? ranks[slot] : R;
-  if (threadIdx.x < BM) rows[threadIdx.x] = threadIdx.x < n ? sorted_rows[first + threadIdx.x] : 0;
+  stage_rows(rows, sorted_rows, blk);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FRAGS];
 #pragma unroll
@@ -280,23 +300,22 @@ __global__ void __launch_bounds__(kThreads) expand_tc_kernel(
   constexpr int FRAGS = FM * FN / kWarps;
   struct Operands { T t[BM][RP + kTcPad]; T b[BN][RP + kTcPad]; };
   struct Result { float c[BM][BN + 4]; };
-  __shared__ __align__(128) unsigned char smem[sizeof(Operands) > sizeof(Result) ? sizeof(Operands) : sizeof(Result)];
+  __shared__ __align__(128) TcShared<Operands, Result> smem;
   __shared__ int rows[BM];
-  auto& op = *reinterpret_cast<Operands*>(smem);
-  auto& res = *reinterpret_cast<Result*>(smem);
+  auto& op = smem.op;
+  auto& res = smem.res;
 
-  const int slot = blocks[3 * blockIdx.x];
+  const RowBlock blk = row_block(blocks);
+  const int slot = blk.slot, n = blk.n;
   const int j = blockIdx.z;
   const int64_t* slice = table + j * kTableCols;
   const int64_t n_out = slice[8];
   const int64_t col0 = static_cast<int64_t>(blockIdx.y) * BN;
   if (slot < 0 || col0 >= n_out) return;
-  const int first = blocks[3 * blockIdx.x + 1];
-  const int n = blocks[3 * blockIdx.x + 2] - first;
   const int rank = ranks != nullptr ? ranks[slot] : R;
   const float scale = scalings[slot];
   const int warp = threadIdx.x / 32;
-  if (threadIdx.x < BM) rows[threadIdx.x] = threadIdx.x < n ? sorted_rows[first + threadIdx.x] : 0;
+  stage_rows(rows, sorted_rows, blk);
   __syncthreads();
 
   for (int idx = threadIdx.x; idx < BM * RP; idx += kThreads) {  // the rows' rank vectors, scaled, rounded
