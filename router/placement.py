@@ -20,6 +20,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -32,6 +33,10 @@ STAT_QUEUE_LEN = "queue_len"
 STAT_RESIDENT = "resident_adapters"
 STAT_TIME = "reported_at"  # time.time() on the replica
 STAT_SLOTS = "slots"  # the replica's GPU adapter slots (max_loras)
+
+# A request that Ray picked a replica for is normally accepted (or rejected) within milliseconds;
+# one that is neither after this long was given up on its way (its caller cancelled).
+PICKED_TTL_S = 10.0
 
 
 def rendezvous_order(key: str, replica_ids: Sequence[str]) -> list[str]:
@@ -56,6 +61,16 @@ def bounded_order(
     within = [r for r in order if loads.get(r, 0.0) <= bound]
     over = [r for r in order if loads.get(r, 0.0) > bound]
     return within, over
+
+
+@dataclass
+class _Placing:
+    """A request this router is placing."""
+
+    pending: PendingRequest
+    offered: str  # the replica it was first offered to
+    since: float  # when (the wait for affinity counts from then)
+    picked_at: float | None = None  # when Ray's pick for it was first seen
 
 
 def _own_replica_id() -> str:
@@ -102,15 +117,30 @@ class AdapterAffinityRouter(RequestRouter):
         # Requests this router has in flight per replica: fresher than the periodic stats.
         self._inflight: dict[ReplicaID, int] = {}
         self._inflight_by_request: dict[str, ReplicaID] = {}
-        # Requests being placed by this router: the replica each was first placed on (demand that
-        # the replicas' own queues, capped at max_ongoing_requests, do not show) and when.
-        self._waiting: dict[str, tuple[PendingRequest, str, float]] = {}
+        # Requests being placed by this router, until their replica accepts them: demand that the
+        # replicas' own queues, capped at max_ongoing_requests, do not show.
+        self._waiting: dict[str, _Placing] = {}
 
-    def _waiting_on(self) -> Counter[str]:
-        for request_id, (pending, _, _) in list(self._waiting.items()):
-            if pending.future.done():  # routed or cancelled
+    def _placing_on(self) -> Counter[str]:
+        """Requests this router is placing, by replica: the one first offered while Ray picks, then
+        the one Ray picked until that replica accepts the request (on_request_routed: in flight
+        from then). The acceptance is a round trip to the replica; without this, a burst placed
+        meanwhile would all see the same load and go to the same replica."""
+        now = time.monotonic()
+        counts: Counter[str] = Counter()
+        for request_id, placing in list(self._waiting.items()):
+            future = placing.pending.future
+            if not future.done():  # Ray is picking (again, after a rejection: a new future)
+                placing.picked_at = None
+                counts[placing.offered] += 1
+                continue
+            if placing.picked_at is None:
+                placing.picked_at = now
+            if future.cancelled() or future.exception() is not None or now - placing.picked_at > PICKED_TTL_S:
                 del self._waiting[request_id]
-        return Counter(uid for _, uid, _ in self._waiting.values())
+            else:
+                counts[future.result().replica_id.unique_id] += 1
+        return counts
 
     def _load(self, replica: RunningReplica) -> float:
         # The replica's own count also covers other routers' requests, but it reaches here a
@@ -152,7 +182,9 @@ class AdapterAffinityRouter(RequestRouter):
             return
         self._relieved_at[replica] = now
         demand = Counter(
-            p.metadata.multiplexed_model_id for p, uid, _ in self._waiting.values() if uid == replica
+            p.pending.metadata.multiplexed_model_id
+            for p in self._waiting.values()
+            if p.offered == replica and not p.pending.future.done()
         )
         hottest = next((a for a, _ in demand.most_common() if a), None)
         if hottest is not None:
@@ -175,14 +207,14 @@ class AdapterAffinityRouter(RequestRouter):
             return [pair]
 
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        waiting = self._waiting_on()
+        placing_on = self._placing_on()
         request_id = pending_request.metadata.internal_request_id
         placing = self._waiting.get(request_id)
         # Counted from the first offer, not from arrival: under load every request queues in
         # Ray's router before placement starts, and that says nothing about its replicas.
-        if placing is not None and time.monotonic() - placing[2] >= self._affinity_wait_s:
-            self._relieve(placing[1], by_id)
-        loads = {uid: self._load(r) + waiting[uid] for uid, r in by_id.items()}
+        if placing is not None and time.monotonic() - placing.since >= self._affinity_wait_s:
+            self._relieve(placing.offered, by_id)
+        loads = {uid: self._load(r) + placing_on[uid] for uid, r in by_id.items()}
         homes = self._homes_of(adapter, by_id)
         order = homes + [uid for uid in rendezvous_order(adapter, list(by_id)) if uid not in homes]
         within, _ = bounded_order(order, loads, epsilon=self._epsilon, slack=self._slack)
@@ -195,7 +227,7 @@ class AdapterAffinityRouter(RequestRouter):
         holding = {uid for uid, r in by_id.items() if adapter in (r.routing_stats or {}).get(STAT_RESIDENT, ())}
         ranks = [first] + [[uid] for uid in others if uid in holding and uid not in first]
         if placing is None:
-            self._waiting[request_id] = (pending_request, first[0], time.monotonic())
+            self._waiting[request_id] = _Placing(pending_request, first[0], time.monotonic())
         return [[by_id[uid] for uid in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: object) -> None:

@@ -249,6 +249,46 @@ async def _waiting():
     assert placed[0] == order[0] and len(set(placed)) >= 2
 
 
+def test_requests_ray_picked_a_replica_for_count_there_until_it_is_done_with_them(monkeypatch):
+    asyncio.run(_picked(monkeypatch))
+
+
+async def _picked(monkeypatch):
+    import router.placement as placement
+
+    uids = ["r0", "r1", "r2"]
+    order = rendezvous_order("hot", uids)
+    router = _router(epsilon=0.0, slack=1.0)
+    replicas = [_replica(u) for u in uids]
+    by_id = {r.replica_id.unique_id: r for r in replicas}
+    # A burst: Ray picks each request's replica at once, and the replica's acceptance (a round
+    # trip) comes later. The picks so far count, so the bound moves the later ones on.
+    burst = [_request("hot", f"b{i}") for i in range(6)]
+    for request in burst:
+        request.future.set_result(by_id[(await _choose(router, replicas, request))[0][0]])
+    placed = [request.future.result().replica_id.unique_id for request in burst]
+    assert placed[0] == order[0] and len(set(placed)) >= 2
+    # Accepted: now in flight on the same replicas, counted once.
+    for request, uid in zip(burst, placed, strict=True):
+        router.on_request_routed(request, by_id[uid].replica_id, None)
+    assert router._placing_on() == {}
+    assert {uid: router._load(r) for uid, r in by_id.items() if router._load(r)} == Counter(placed)
+    # Done: nothing is left counted, and the adapter goes home again.
+    for request, uid in zip(burst, placed, strict=True):
+        router.on_request_completed(by_id[uid].replica_id, request.metadata.internal_request_id)
+    assert not any(router._load(r) for r in replicas)
+    assert await _choose(router, replicas, _request("hot", "after")) == [[order[0]]]
+    router._waiting.clear()
+    # A pick that its replica never answers (the caller went away) stops counting after a while.
+    monkeypatch.setattr(placement, "PICKED_TTL_S", 0.05)
+    lost = _request("hot", "lost")
+    lost.future.set_result(by_id[order[0]])
+    router._waiting["lost"] = placement._Placing(lost, order[0], time.monotonic())
+    assert router._placing_on() == {order[0]: 1}
+    await asyncio.sleep(0.06)
+    assert router._placing_on() == {} and "lost" not in router._waiting
+
+
 def test_a_long_wait_gives_the_hottest_waiting_adapter_another_home():
     asyncio.run(_relief())
 
