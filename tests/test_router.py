@@ -278,12 +278,12 @@ async def _picked(monkeypatch):
         router.on_request_completed(by_id[uid].replica_id, request.metadata.internal_request_id)
     assert not any(router._load(r) for r in replicas)
     assert await _choose(router, replicas, _request("hot", "after")) == [[order[0]]]
-    router._waiting.clear()
     # A pick that its replica never answers (the caller went away) stops counting after a while.
     monkeypatch.setattr(placement, "PICKED_TTL_S", 0.05)
+    router = _router(epsilon=0.0, slack=1.0)
     lost = _request("hot", "lost")
+    assert await _choose(router, replicas, lost) == [[order[0]]]
     lost.future.set_result(by_id[order[0]])
-    router._waiting["lost"] = placement._Placing(lost, order[0], time.monotonic())
     assert router._placing_on() == {order[0]: 1}
     await asyncio.sleep(0.06)
     assert router._placing_on() == {} and "lost" not in router._waiting
